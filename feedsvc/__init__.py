@@ -1,0 +1,1 @@
+"""feedsvc: feed/inbox backend."""

@@ -1,0 +1,144 @@
+"""HTTP API: the aiohttp composition root (``init_app``), auth and error mapping.
+
+One middleware authenticates by the route's declared access and maps the error tree of
+``feedsvc.errors`` to ``{"error": {"code", "message", "field"}}`` responses; nothing a client
+sends can produce a 500. Handlers live in ``feedsvc.api.routes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
+
+import msgspec
+from aiohttp import web
+
+from feedsvc.auth import Principal, authenticate
+from feedsvc.config import Settings
+from feedsvc.errors import ClientError, RetryableError
+from feedsvc.model import MAX_BODY_BYTES
+from feedsvc.runtime import Runtime, open_runtime
+from feedsvc.workers import run_workers
+
+log = logging.getLogger(__name__)
+
+Access = Literal["none", "service", "any"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+RUNTIME = web.AppKey("runtime", Runtime)
+ACCESS = web.AppKey("access", dict)
+PRINCIPAL = "principal"
+
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorOut(msgspec.Struct):
+    error: ErrorBody
+
+
+def json_response(body: object, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), status=status,
+                        content_type="application/json")
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    response = json_response(ErrorOut(ErrorBody(code, message, field)), status)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        route = request.match_info.route
+        access: Access = request.app[ACCESS].get(route.resource.canonical if route.resource
+                                                 else "", {}).get(request.method, "none")
+        if access != "none":
+            rt = request.app[RUNTIME]
+            principal = authenticate(request.headers.get("Authorization"),
+                                     rt.settings.service_keys, rt.settings.jwt_secret)
+            if access == "service" and not principal.service:
+                return error_response(403, "forbidden", "this route needs a service key")
+            request[PRINCIPAL] = principal
+        return await handler(request)
+    except ClientError as exc:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, exc.message, exc.field, headers)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, "payload_too_large",
+                              f"request body is larger than {MAX_BODY_BYTES} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return error_response(exc.status, code, exc.reason, headers=dict(exc.headers))
+    except RetryableError as exc:
+        log.warning("dependency unavailable: %s", exc)
+        return error_response(503, "unavailable", "a dependency is unavailable; retry",
+                              headers={"Retry-After": "1"})
+
+
+def principal_of(request: web.Request) -> Principal:
+    principal: Principal = request[PRINCIPAL]
+    return principal
+
+
+def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
+    """Build the application around an open runtime; ``workers`` > 0 also runs that many
+    fan-out consumers inside this process (``feedsvc serve``)."""
+    from feedsvc.api import routes
+
+    app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BODY_BYTES)
+    app[RUNTIME] = rt
+    app[ACCESS] = {}
+    for method, path, handler, access in routes.ROUTES:
+        app.router.add_route(method, path, handler)
+        app[ACCESS].setdefault(path, {})[method] = access
+    if workers > 0:
+        app.cleanup_ctx.append(_workers_ctx(rt, workers))
+    return app
+
+
+def _workers_ctx(
+    rt: Runtime, workers: int
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_workers(rt, workers, stop))
+        yield
+        stop.set()
+        try:
+            await asyncio.wait_for(task, timeout=30)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return ctx
+
+
+async def serve(settings: Settings, *, workers: int) -> None:
+    """Run the API (and optionally in-process workers) until cancelled."""
+    async with open_runtime(settings) as rt:
+        app = init_app(rt, workers=workers)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("feedsvc listening on http://%s:%d", settings.host, settings.port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()

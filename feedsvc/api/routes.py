@@ -1,0 +1,254 @@
+"""Route handlers: parse the request, call one domain function, shape the response.
+
+``ROUTES`` is the whole HTTP surface (method, path, handler, access); ``init_app`` registers
+it and ``feedsvc.api.openapi`` documents exactly these routes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+
+import msgspec
+from aiohttp import web
+
+from feedsvc import graph, intake, timeline
+from feedsvc.api.app import RUNTIME, Access, Handler, error_response, json_response, principal_of
+from feedsvc.api.openapi import spec
+from feedsvc.errors import Forbidden, InvalidRequest, PayloadTooLarge, RetryableError, Unprocessable
+from feedsvc.model import (
+    MAX_BODY_BYTES,
+    MAX_BULK_FOLLOWS,
+    IdPageOut,
+    InboxEntryOut,
+    InboxItem,
+    Mode,
+    PageOut,
+    UserOut,
+)
+
+
+def rfc3339(ms: int) -> str:
+    moment = datetime.fromtimestamp(ms // 1000, UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
+
+
+def _limit(request: web.Request, default: int, maximum: int) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise InvalidRequest(f"limit must be an integer from 1 to {maximum}",
+                             code="invalid_query", field="limit")
+    return int(raw)
+
+
+def _path_id(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if not intake.valid_id(value):
+        raise InvalidRequest(f"{name} must be 1-64 characters without spaces or '/'",
+                             code="invalid_path", field=name)
+    return value
+
+
+def _opaque(text: str | None) -> str | None:
+    """Encode a store continuation as a URL-safe cursor."""
+    return base64.urlsafe_b64encode(text.encode()).decode() if text is not None else None
+
+
+def _unopaque(request: web.Request) -> str | None:
+    raw = request.query.get("cursor")
+    if not raw:
+        return None
+    try:
+        return base64.urlsafe_b64decode(raw.encode()).decode()
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest("cursor is not one this API returned", code="invalid_cursor",
+                             field="cursor") from exc
+
+
+# --- events ----------------------------------------------------------------------------
+
+
+async def post_event(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
+    raw = await request.read()
+    status, body = await intake.accept(request.app[RUNTIME], raw)
+    return json_response(body, status)
+
+
+async def author_events(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    author_id = _path_id(request, "user_id")
+    limit = _limit(request, 50, 200)
+    cursor = request.query.get("cursor")
+    before = timeline.decode_cursor(cursor).position if cursor else None
+    since = rt.now_ms() - rt.settings.retention_ms
+    items = await rt.store.author_events(author_id, before, limit + 1, since)
+    more = len(items) > limit
+    items = items[:limit]
+    next_cursor = (
+        timeline.encode_cursor(timeline.Cursor(items[-1].created_at, items[-1].event_id))
+        if more else None
+    )
+    return json_response(PageOut([_entry(i, "push") for i in items], next_cursor))
+
+
+def _entry(item: InboxItem, via: timeline.Via) -> InboxEntryOut:
+    return InboxEntryOut(
+        event_id=item.event_id, author_id=item.author_id, kind=item.kind,
+        created_at=rfc3339(item.created_at), priority=item.priority, object_id=item.object_id,
+        payload=msgspec.Raw(item.payload.encode()), via=via,
+    )
+
+
+# --- inbox -----------------------------------------------------------------------------
+
+
+async def get_inbox(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    principal = principal_of(request)
+    named = request.query.get("user_id")
+    if principal.service:
+        if not named:
+            raise Unprocessable("a service key must name user_id", code="missing_field",
+                                field="user_id")
+        user_id = named
+    else:
+        assert principal.user_id is not None
+        if named and named != principal.user_id:
+            raise Forbidden("a user token can only read its own inbox")
+        user_id = principal.user_id
+    if not intake.valid_id(user_id):
+        raise InvalidRequest("user_id must be 1-64 characters without spaces or '/'",
+                             code="invalid_query", field="user_id")
+    limit = _limit(request, 50, 200)
+    raw_cursor = request.query.get("cursor")
+    cursor = timeline.decode_cursor(raw_cursor) if raw_cursor else None
+    page = await timeline.read_inbox(rt, user_id, limit, cursor)
+    return json_response(PageOut([_entry(i, via) for i, via in page.items], page.next_cursor))
+
+
+# --- follow graph ----------------------------------------------------------------------
+
+
+async def put_following(request: web.Request) -> web.Response:
+    await graph.follow(request.app[RUNTIME], _path_id(request, "user_id"),
+                       _path_id(request, "author_id"))
+    return web.Response(status=204)
+
+
+async def delete_following(request: web.Request) -> web.Response:
+    await graph.unfollow(request.app[RUNTIME], _path_id(request, "user_id"),
+                         _path_id(request, "author_id"))
+    return web.Response(status=204)
+
+
+class FollowIn(msgspec.Struct, forbid_unknown_fields=True):
+    user_id: str
+    author_id: str
+
+
+class BulkIn(msgspec.Struct, forbid_unknown_fields=True):
+    follows: list[FollowIn]
+
+
+class BulkOut(msgspec.Struct):
+    applied: int
+
+
+async def post_bulk(request: web.Request) -> web.Response:
+    if request.content_length is not None and request.content_length > 2 * 1024 * 1024:
+        raise PayloadTooLarge("bulk body is larger than 2 MiB")
+    raw = await request.read()
+    try:
+        body = msgspec.json.decode(raw, type=BulkIn)
+    except msgspec.ValidationError as exc:
+        raise Unprocessable(str(exc), code="invalid_field", field="follows") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from exc
+    if len(body.follows) > MAX_BULK_FOLLOWS:
+        raise Unprocessable(f"at most {MAX_BULK_FOLLOWS} follows per request",
+                            code="too_many", field="follows")
+    pairs = []
+    for i, f in enumerate(body.follows):
+        for name, value in (("user_id", f.user_id), ("author_id", f.author_id)):
+            if not intake.valid_id(value):
+                raise Unprocessable("ids are 1-64 characters without spaces or '/'",
+                                    code="invalid_field", field=f"follows[{i}].{name}")
+        if f.user_id == f.author_id:
+            raise Unprocessable("a user cannot follow themselves", code="self_follow",
+                                field=f"follows[{i}]")
+        pairs.append((f.user_id, f.author_id))
+    applied = await graph.follow_many(request.app[RUNTIME], pairs)
+    return json_response(BulkOut(applied))
+
+
+async def get_user(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    user_id = _path_id(request, "user_id")
+    (followers, following), mode = await _counts_and_mode(request, user_id)
+    celebrity = graph.next_mode(mode, followers, rt.settings.celebrity_threshold) == "pull"
+    return json_response(UserOut(user_id, followers, following, celebrity))
+
+
+async def _counts_and_mode(request: web.Request, user_id: str) -> tuple[tuple[int, int], Mode]:
+    store = request.app[RUNTIME].store
+    counts = await store.counts(user_id)
+    mode = await store.get_mode(user_id)
+    return counts, mode
+
+
+async def get_followers(request: web.Request) -> web.Response:
+    store = request.app[RUNTIME].store
+    ids, after = await store.followers_page(
+        _path_id(request, "user_id"), _unopaque(request), _limit(request, 100, 1000)
+    )
+    return json_response(IdPageOut(ids, _opaque(after)))
+
+
+async def get_following(request: web.Request) -> web.Response:
+    store = request.app[RUNTIME].store
+    ids, after = await store.following_page(
+        _path_id(request, "user_id"), _unopaque(request), _limit(request, 100, 1000)
+    )
+    return json_response(IdPageOut(ids, _opaque(after)))
+
+
+# --- operations ------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    try:
+        await rt.store.ping()
+        await rt.queue.ping()
+    except RetryableError as exc:
+        return error_response(503, "not_ready", str(exc))
+    return json_response({"status": "ready"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(spec())
+
+
+ROUTES: list[tuple[str, str, Handler, Access]] = [
+    ("POST", "/v1/events", post_event, "service"),
+    ("GET", "/v1/inbox", get_inbox, "any"),
+    ("PUT", "/v1/users/{user_id}/following/{author_id}", put_following, "service"),
+    ("DELETE", "/v1/users/{user_id}/following/{author_id}", delete_following, "service"),
+    ("POST", "/v1/follows/bulk", post_bulk, "service"),
+    ("GET", "/v1/users/{user_id}", get_user, "service"),
+    ("GET", "/v1/users/{user_id}/followers", get_followers, "service"),
+    ("GET", "/v1/users/{user_id}/following", get_following, "service"),
+    ("GET", "/v1/users/{user_id}/events", author_events, "any"),
+    ("GET", "/healthz", healthz, "none"),
+    ("GET", "/readyz", readyz, "none"),
+    ("GET", "/openapi.json", openapi, "none"),
+]

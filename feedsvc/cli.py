@@ -1,0 +1,252 @@
+"""``feedsvc`` command line: serve | api | worker | migrate | seed | token | dlq.
+
+Every setting is an environment variable (``FEEDSVC_*``) and also a flag; flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from feedsvc.config import Settings, add_arguments
+from feedsvc.errors import ConfigError, FeedError
+
+log = logging.getLogger("feedsvc")
+
+DEMO_SERVICE_KEY = "dev-service-key"
+DEMO_JWT_SECRET = "dev-only-jwt-secret-change-me-before-production"
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` until it returns or SIGINT/SIGTERM arrives."""
+
+    async def wrapper() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(main)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return 0
+
+    return asyncio.run(wrapper())
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace, *, workers: int) -> int:
+    from feedsvc.api.app import serve
+
+    if args.demo:
+        settings = settings.replace(
+            service_keys=settings.service_keys or (DEMO_SERVICE_KEY,),
+            jwt_secret=settings.jwt_secret or DEMO_JWT_SECRET,
+        )
+
+        async def with_demo() -> int:
+            await _seed_demo(settings)
+            _print_demo(settings)
+            await serve(settings, workers=workers)
+            return 0
+
+        return _run(with_demo())
+
+    async def main() -> int:
+        await serve(settings, workers=workers)
+        return 0
+
+    return _run(main())
+
+
+async def _seed_demo(settings: Settings) -> None:
+    from feedsvc import graph
+    from feedsvc.runtime import open_runtime
+
+    async with open_runtime(settings) as rt:
+        pairs = [(f"user{i}", f"user{j}") for i in range(1, 6) for j in range(1, 6) if i != j]
+        await graph.follow_many(rt, pairs)
+
+
+def _print_demo(settings: Settings) -> None:
+    from feedsvc.auth import issue_token
+
+    assert settings.jwt_secret is not None
+    base = f"http://{settings.host}:{settings.port}"
+    key = settings.service_keys[0]
+    token = issue_token(settings.jwt_secret, "user2", ttl_s=86_400)
+    print(f"""
+feedsvc (embedded backend, data in {settings.data_dir}/) on {base}
+Demo graph: user1..user5 all follow each other. Dev credentials (do not use in production):
+
+  export FEEDSVC_KEY={key}
+  export USER_TOKEN={token}
+
+Post an event as user1 (the posting service, with the service key):
+
+  curl -s -X POST {base}/v1/events -H "Authorization: Bearer $FEEDSVC_KEY" \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"event_id": "demo-1", "author_id": "user1", "kind": "post",
+            "payload": {{"text": "hello"}}}}'
+
+Read user2's inbox (a mobile client, with user2's token):
+
+  curl -s {base}/v1/inbox -H "Authorization: Bearer $USER_TOKEN"
+""", flush=True)
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from feedsvc.runtime import open_runtime
+    from feedsvc.workers import run_workers
+
+    async def main() -> int:
+        async with open_runtime(settings) as rt:
+            stop = asyncio.Event()
+            try:
+                done = await run_workers(rt, args.concurrency, stop, burst=args.burst)
+            finally:
+                stop.set()
+            log.info("worker processed %d entries", done)
+        return 0
+
+    return _run(main())
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from feedsvc.migrate import migrate
+    from feedsvc.store.cassandra import connect_cluster
+
+    if settings.embedded:
+        print("migrate: FEEDSVC_CASSANDRA_HOSTS is not set (the embedded backend creates "
+              "its schema itself)", file=sys.stderr)
+        return 2
+    cluster, session = connect_cluster(settings.cassandra_hosts)
+    try:
+        applied = migrate(session, settings.keyspace, settings.replication)
+    finally:
+        cluster.shutdown()
+    print(f"migrate: keyspace {settings.keyspace}: applied {applied or 'nothing (up to date)'}")
+    return 0
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from feedsvc.auth import issue_token
+    from feedsvc.intake import valid_id
+
+    if not settings.jwt_secret:
+        raise ConfigError("FEEDSVC_JWT_SECRET must be set to issue tokens")
+    if not valid_id(args.user_id):
+        raise ConfigError(f"{args.user_id!r} is not a valid user id")
+    print(issue_token(settings.jwt_secret, args.user_id, ttl_s=args.ttl))
+    return 0
+
+
+def cmd_seed(settings: Settings, args: argparse.Namespace) -> int:
+    from feedsvc.seed import seed
+
+    async def main() -> int:
+        await seed(settings, users=args.users, follows_per_user=args.follows,
+                   alpha=args.alpha, seed=args.seed)
+        return 0
+
+    return _run(main())
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    import msgspec
+
+    from feedsvc.runtime import open_queue
+
+    async def main() -> int:
+        queue = await open_queue(settings)
+        try:
+            stats = await queue.stats()
+            print(msgspec.json.encode(stats).decode())
+            for letter in await queue.dead_letters(args.limit):
+                print(msgspec.json.encode(letter).decode())
+        finally:
+            await queue.close()
+        return 0
+
+    return _run(main())
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feedsvc", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("FEEDSVC_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, Callable[[Settings, argparse.Namespace], int]] = {}
+
+    def command(name: str, help_text: str,
+                fn: Callable[[Settings, argparse.Namespace], int],
+                only: Sequence[str] | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p, only)
+        commands[name] = fn
+        p.set_defaults(handler=fn)
+        return p
+
+    serve_p = command("serve", "API plus in-process workers (embedded backend by default)",
+                      lambda s, a: cmd_serve(s, a, workers=a.workers))
+    serve_p.add_argument("--workers", type=_positive, default=2,
+                         help="fan-out consumers in this process")
+    serve_p.add_argument("--demo", action="store_true",
+                         help="seed a small demo graph, use dev credentials if none are set, "
+                              "and print ready-to-paste curl commands")
+    api_p = command("api", "the HTTP API only (run `feedsvc worker` separately)",
+                    lambda s, a: cmd_serve(s, a, workers=0))
+    api_p.set_defaults(demo=False)
+    worker_p = command("worker", "fan-out workers", cmd_worker)
+    worker_p.add_argument("--concurrency", type=_positive, default=4)
+    worker_p.add_argument("--burst", action="store_true",
+                          help="drain the queue, then exit")
+    command("migrate", "apply cql/NNN_*.cql to the keyspace", cmd_migrate,
+            ["cassandra_hosts", "keyspace", "replication", "redis_url"])
+    seed_p = command("seed", "synthetic follow graph with power-law follower counts", cmd_seed)
+    seed_p.add_argument("--users", type=_positive, default=10_000)
+    seed_p.add_argument("--follows", type=_positive, default=20,
+                        help="average authors followed per user")
+    seed_p.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of reach")
+    seed_p.add_argument("--seed", type=int, default=1, help="random seed (reproducible)")
+    token_p = command("token", "print a user token (JWT)", cmd_token, ["jwt_secret"])
+    token_p.add_argument("user_id")
+    token_p.add_argument("--ttl", type=_positive, default=3600, help="seconds")
+    dlq_p = command("dlq", "queue statistics and the newest dead letters", cmd_dlq)
+    dlq_p.add_argument("--limit", type=_positive, default=20)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.load(os.environ, args)
+        result: int = args.handler(settings, args)
+        return result
+    except ConfigError as exc:
+        print(f"feedsvc: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FeedError as exc:
+        print(f"feedsvc: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,197 @@
+"""Settings: every ``FEEDSVC_*`` environment variable and its CLI flag, parsed once.
+
+This is the only module that reads the environment. ``Settings`` is frozen and passed
+down from the composition root; tests build ``Settings(...)`` directly. A bad value fails
+at start with a message naming the variable (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from feedsvc.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"2d"`` or plain seconds -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port (0-65535)")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be a positive duration")
+    return value
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    hosts = tuple(h.strip() for h in text.split(",") if h.strip())
+    for host in hosts:
+        _, sep, port = host.rpartition(":")
+        if sep and not port.isdigit():
+            raise ValueError(f"bad host:port {host!r}")
+    return hosts
+
+
+def _keys(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def _keyspace(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,47}", text):
+        raise ValueError("must be a Cassandra identifier (letters, digits, _; max 48)")
+    return text
+
+
+def _replication(text: str) -> str:
+    pattern = r"(SimpleStrategy:\d+|NetworkTopologyStrategy(:[A-Za-z0-9_-]+=\d+)+)"
+    if not re.fullmatch(pattern, text):
+        raise ValueError("use SimpleStrategy:RF or NetworkTopologyStrategy:dc1=3:dc2=3")
+    return text
+
+
+@dataclass(frozen=True)
+class _Var:
+    attr: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+_VARS: tuple[_Var, ...] = (
+    _Var("cassandra_hosts", "FEEDSVC_CASSANDRA_HOSTS", _hosts,
+         "comma list of host[:port]; unset means the embedded backend"),
+    _Var("keyspace", "FEEDSVC_KEYSPACE", _keyspace, "Cassandra keyspace (default feedsvc)"),
+    _Var("replication", "FEEDSVC_REPLICATION", _replication,
+         "keyspace replication for migrate (default SimpleStrategy:1)"),
+    _Var("redis_url", "FEEDSVC_REDIS_URL", str, "Redis URL; unset means the in-process queue"),
+    _Var("data_dir", "FEEDSVC_DATA_DIR", Path, "embedded backend directory (default ./data)"),
+    _Var("host", "FEEDSVC_HOST", str, "listen address (default 127.0.0.1)"),
+    _Var("port", "FEEDSVC_PORT", _port, "listen port (default 8080)"),
+    _Var("celebrity_threshold", "FEEDSVC_CELEBRITY_THRESHOLD", _non_negative_int,
+         "followers at which an author switches to pull (default 10000)"),
+    _Var("service_keys", "FEEDSVC_SERVICE_KEYS", _keys, "comma list of accepted service keys"),
+    _Var("jwt_secret", "FEEDSVC_JWT_SECRET", str, "HS256 secret for user tokens"),
+    _Var("inbox_max", "FEEDSVC_INBOX_MAX", _positive_int, "inbox entries kept (default 800)"),
+    _Var("inbox_ttl_days", "FEEDSVC_INBOX_TTL_DAYS", _positive_int,
+         "retention in days, from created_at (default 30)"),
+    _Var("low_max_age", "FEEDSVC_LOW_MAX_AGE", _positive_duration,
+         "low-priority events queued longer are shed (default 1h)"),
+    _Var("claim_idle", "FEEDSVC_CLAIM_IDLE", _positive_duration,
+         "idle time after which a dead consumer's entries are reclaimed (default 60s)"),
+    _Var("max_pull_authors", "FEEDSVC_MAX_PULL_AUTHORS", _positive_int,
+         "celebrities pulled per inbox read (default 100)"),
+    _Var("fanout_concurrency", "FEEDSVC_FANOUT_CONCURRENCY", _positive_int,
+         "inbox writes in flight per fan-out (default 256)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the defaults the docs promise."""
+
+    cassandra_hosts: tuple[str, ...] = ()
+    keyspace: str = "feedsvc"
+    replication: str = "SimpleStrategy:1"
+    redis_url: str | None = None
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    host: str = "127.0.0.1"
+    port: int = 8080
+    celebrity_threshold: int = 10_000
+    service_keys: tuple[str, ...] = ()
+    jwt_secret: str | None = None
+    inbox_max: int = 800
+    inbox_ttl_days: int = 30
+    low_max_age: float = 3600.0
+    claim_idle: float = 60.0
+    max_pull_authors: int = 100
+    fanout_concurrency: int = 256
+    # Probability denominator for inbox trimming: one write in N checks the cap.
+    inbox_trim_every: int = 32
+
+    @property
+    def embedded(self) -> bool:
+        return not self.cassandra_hosts
+
+    @property
+    def retention_ms(self) -> int:
+        return self.inbox_ttl_days * 86_400_000
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str], args: argparse.Namespace | None = None
+    ) -> Settings:
+        """Build from the environment, then CLI flags (flags win). Raises ConfigError."""
+        values: dict[str, Any] = {}
+        for var in _VARS:
+            raw = environ.get(var.env)
+            source = var.env
+            flag = getattr(args, var.attr, None) if args is not None else None
+            if flag is not None:
+                raw, source = flag, f"--{var.attr.replace('_', '-')}"
+            if raw is None or raw == "":
+                continue
+            try:
+                values[var.attr] = var.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{source}={raw!r} is invalid: {exc}") from exc
+        settings = cls(**values)
+        if settings.redis_url and not settings.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(f"FEEDSVC_REDIS_URL={settings.redis_url!r} is not a redis:// URL")
+        return settings
+
+    def check_backend(self) -> None:
+        """Cassandra and Redis go together; the embedded backend uses neither."""
+        if self.cassandra_hosts and not self.redis_url:
+            raise ConfigError("FEEDSVC_CASSANDRA_HOSTS is set but FEEDSVC_REDIS_URL is not")
+        if self.redis_url and not self.cassandra_hosts:
+            raise ConfigError("FEEDSVC_REDIS_URL is set but FEEDSVC_CASSANDRA_HOSTS is not")
+
+
+def add_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """Add one ``--flag`` per setting (all strings; parsed by ``Settings.load``)."""
+    for var in _VARS:
+        if only is not None and var.attr not in only:
+            continue
+        parser.add_argument(
+            f"--{var.attr.replace('_', '-')}", dest=var.attr, default=None,
+            metavar=var.env, help=f"{var.help} [env {var.env}]",
+        )

@@ -1,0 +1,127 @@
+"""Fan-out: turn one queued task into inbox rows.
+
+Entry point ``handle(rt, envelope)`` reads like a table of contents:
+
+- ``deliver_push``: the author's followers, paged ``FOLLOWER_PAGE`` (1,000) at a time, plus
+  the author's own inbox; one upsert per row, many in flight (the store bounds them).
+- ``deliver_pull``: only the author's own inbox; followers pull the author's partition.
+- ``deliver_direct``: exactly the listed audience, whatever the author's reach.
+- ``backfill``: a new follower of a push author gets the author's last 20 events.
+- ``unmerge``: an unfollowed author's pushed rows leave the user's inbox.
+
+Every write is an upsert keyed by (user, created_at, event_id), so a task redone after a
+crash rewrites the same rows: at-least-once delivery, exactly one row per follower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Sequence
+
+from feedsvc.model import (
+    BACKFILL_EVENTS,
+    FOLLOWER_PAGE,
+    BackfillTask,
+    Envelope,
+    Event,
+    FanoutTask,
+    InboxItem,
+    UnmergeTask,
+)
+from feedsvc.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+async def handle(rt: Runtime, envelope: Envelope) -> None:
+    task = envelope.task
+    if isinstance(task, FanoutTask):
+        await fan_out(rt, task.event)
+    elif isinstance(task, BackfillTask):
+        await backfill(rt, task.pairs)
+    elif isinstance(task, UnmergeTask):
+        await unmerge(rt, task.pairs)
+
+
+async def fan_out(rt: Runtime, event: Event) -> int:
+    """Write the event's inbox rows; returns how many rows were written."""
+    ttl = rt.ttl_left_s(event.created_at)
+    if ttl <= 0:
+        return 0  # already past retention: nothing to show
+    item = InboxItem.of(event)
+    if event.route == "direct":
+        return await deliver_direct(rt, item, event.audience or [], ttl)
+    if event.route == "pull":
+        return await deliver_pull(rt, item, ttl)
+    return await deliver_push(rt, item, ttl)
+
+
+async def _write(rt: Runtime, users: Sequence[str], item: InboxItem, ttl: int) -> None:
+    await rt.store.write_inbox(users, item, ttl)
+    await _maybe_trim(rt, users, item.event_id)
+
+
+async def deliver_direct(rt: Runtime, item: InboxItem, audience: Sequence[str],
+                         ttl: int) -> int:
+    users = list(dict.fromkeys(audience))
+    for start in range(0, len(users), FOLLOWER_PAGE):
+        await _write(rt, users[start:start + FOLLOWER_PAGE], item, ttl)
+    return len(users)
+
+
+async def deliver_pull(rt: Runtime, item: InboxItem, ttl: int) -> int:
+    await _write(rt, [item.author_id], item, ttl)
+    return 1
+
+
+async def deliver_push(rt: Runtime, item: InboxItem, ttl: int) -> int:
+    written = 1
+    await _write(rt, [item.author_id], item, ttl)
+    after: str | None = None
+    page, after = await rt.store.followers_page(item.author_id, None, FOLLOWER_PAGE)
+    while True:
+        # Fetch the next page of followers while this one is written.
+        next_page = (
+            asyncio.ensure_future(rt.store.followers_page(item.author_id, after, FOLLOWER_PAGE))
+            if after is not None else None
+        )
+        try:
+            await _write(rt, page, item, ttl)
+        except BaseException:
+            if next_page is not None:
+                next_page.cancel()
+            raise
+        written += len(page)
+        if next_page is None:
+            return written
+        page, after = await next_page
+
+
+async def _maybe_trim(rt: Runtime, users: Sequence[str], event_id: str) -> None:
+    """Keep inboxes at ``inbox_max`` rows: one write in ``inbox_trim_every`` checks the
+    cap (chosen by a hash, so a redone task trims the same inboxes)."""
+    every = rt.settings.inbox_trim_every
+    chosen = [u for u in users if zlib.crc32(f"{u}/{event_id}".encode()) % every == 0]
+    if chosen:
+        await asyncio.gather(*(rt.store.trim_inbox(u, rt.settings.inbox_max) for u in chosen))
+
+
+async def backfill(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> None:
+    since = rt.now_ms() - rt.settings.retention_ms
+    for user_id, author_id in pairs:
+        if not await rt.store.following_subset(user_id, [author_id]):
+            continue  # unfollowed again before the job ran
+        for item in await rt.store.author_events(author_id, None, BACKFILL_EVENTS, since):
+            ttl = rt.ttl_left_s(item.created_at)
+            if ttl > 0:
+                await rt.store.write_inbox([user_id], item, ttl)
+
+
+async def unmerge(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> None:
+    for user_id, author_id in pairs:
+        if await rt.store.following_subset(user_id, [author_id]):
+            continue  # followed again before the job ran
+        removed = await rt.store.delete_inbox_author(user_id, author_id)
+        log.debug("unmerge %s from %s: %d rows", author_id, user_id, removed)

@@ -1,0 +1,89 @@
+"""Follow graph: follow/unfollow, reach counts, the author's routing mode.
+
+Called by the API (``PUT/DELETE /v1/users/{u}/following/{a}``, ``POST /v1/follows/bulk``).
+A follow change is in effect when these return: the edge and counts are written and the
+author's mode is re-evaluated. Proportional work goes to the queue: a backfill of a push
+author's recent events for a new follower, and removal of an unfollowed author's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from feedsvc.errors import Unprocessable
+from feedsvc.model import BackfillTask, Envelope, Mode, Priority, UnmergeTask
+from feedsvc.runtime import Runtime
+
+DEMOTE_RATIO = 0.9  # a pull author returns to push only below 90% of the threshold
+_BULK_CONCURRENCY = 64
+_TASK_PAIRS = 1_000
+
+
+def next_mode(current: Mode, followers: int, threshold: int) -> Mode:
+    """Hysteresis: promote at ``threshold`` followers, demote below 90% of it."""
+    if current == "push":
+        return "pull" if followers >= threshold else "push"
+    return "push" if followers < threshold * DEMOTE_RATIO else "pull"
+
+
+async def refresh_mode(rt: Runtime, author_id: str) -> Mode:
+    """Re-evaluate and persist the author's mode from its current follower count."""
+    (followers, _), current = await asyncio.gather(
+        rt.store.counts(author_id), rt.store.get_mode(author_id)
+    )
+    mode = next_mode(current, followers, rt.settings.celebrity_threshold)
+    if mode != current:
+        await rt.store.set_mode(author_id, mode)
+    return mode
+
+
+def _check_pair(user_id: str, author_id: str) -> None:
+    if user_id == author_id:
+        raise Unprocessable("a user cannot follow themselves", code="self_follow",
+                            field="author_id")
+
+
+async def _enqueue_pairs(rt: Runtime, task: type[BackfillTask | UnmergeTask],
+                         pairs: Sequence[tuple[str, str]]) -> None:
+    for start in range(0, len(pairs), _TASK_PAIRS):
+        chunk = list(pairs[start:start + _TASK_PAIRS])
+        priority: Priority = "high" if task is BackfillTask else "medium"
+        await rt.queue.enqueue(priority, Envelope(task(chunk), rt.now_ms()))
+
+
+async def follow(rt: Runtime, user_id: str, author_id: str) -> bool:
+    _check_pair(user_id, author_id)
+    changed = await rt.store.follow(user_id, author_id)
+    mode = await refresh_mode(rt, author_id)
+    if changed and mode == "push":
+        await _enqueue_pairs(rt, BackfillTask, [(user_id, author_id)])
+    return changed
+
+
+async def unfollow(rt: Runtime, user_id: str, author_id: str) -> bool:
+    _check_pair(user_id, author_id)
+    changed = await rt.store.unfollow(user_id, author_id)
+    await refresh_mode(rt, author_id)
+    if changed:
+        await _enqueue_pairs(rt, UnmergeTask, [(user_id, author_id)])
+    return changed
+
+
+async def follow_many(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> int:
+    """Apply many follows; returns how many edges were new."""
+    for user_id, author_id in pairs:
+        _check_pair(user_id, author_id)
+    limit = asyncio.Semaphore(_BULK_CONCURRENCY)
+
+    async def one(pair: tuple[str, str]) -> bool:
+        async with limit:
+            return await rt.store.follow(*pair)
+
+    changed = await asyncio.gather(*(one(p) for p in pairs))
+    modes: dict[str, Mode] = {}
+    for author_id in dict.fromkeys(a for _, a in pairs):
+        modes[author_id] = await refresh_mode(rt, author_id)
+    new = [p for p, c in zip(pairs, changed, strict=True) if c]
+    await _enqueue_pairs(rt, BackfillTask, [p for p in new if modes[p[1]] == "push"])
+    return len(new)

@@ -1,0 +1,1 @@
+"""Queue port and its implementations (Redis Streams, embedded SQLite)."""

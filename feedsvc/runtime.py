@@ -1,0 +1,74 @@
+"""The composition root for stores and queues: ``open_runtime(settings)``.
+
+Nothing connects at import time. The API, the workers and the CLI all get a ``Runtime``
+(settings + store + queue) from here, built for the configured backend: Cassandra + Redis
+when ``FEEDSVC_CASSANDRA_HOSTS`` is set, else the embedded SQLite store and queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from feedsvc.config import Settings
+from feedsvc.queue.base import Queue
+from feedsvc.store.base import Store
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    store: Store
+    queue: Queue
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def ttl_left_s(self, created_at_ms: int) -> int:
+        """Seconds of retention an item created at ``created_at_ms`` has left."""
+        return (created_at_ms + self.settings.retention_ms - self.now_ms()) // 1000
+
+
+async def open_store(settings: Settings) -> Store:
+    if settings.embedded:
+        from feedsvc.store.sqlite import SqliteStore
+
+        return await SqliteStore.open(settings.data_dir / "feedsvc.sqlite3")
+    from feedsvc.store.cassandra import CassandraStore
+
+    return await CassandraStore.open(
+        settings.cassandra_hosts, settings.keyspace, settings.fanout_concurrency
+    )
+
+
+async def open_queue(settings: Settings, prefix: str = "feedsvc") -> Queue:
+    if settings.embedded:
+        from feedsvc.queue.embedded import EmbeddedQueue
+
+        return await EmbeddedQueue.open(
+            settings.data_dir / "queue.sqlite3",
+            claim_idle=settings.claim_idle, low_max_age=settings.low_max_age,
+        )
+    from feedsvc.queue.redis import RedisQueue
+
+    assert settings.redis_url is not None
+    return await RedisQueue.open(
+        settings.redis_url, prefix=prefix,
+        claim_idle=settings.claim_idle, low_max_age=settings.low_max_age,
+    )
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings, prefix: str = "feedsvc") -> AsyncIterator[Runtime]:
+    settings.check_backend()
+    store = await open_store(settings)
+    try:
+        queue = await open_queue(settings, prefix)
+        try:
+            yield Runtime(settings, store, queue)
+        finally:
+            await queue.close()
+    finally:
+        await store.close()

@@ -1,0 +1,87 @@
+"""The storage port: what intake, fan-out, the graph and the read merge need from a store.
+
+Two implementations pass one contract suite (``tests/test_store_contract.py``):
+``CassandraStore`` (production) and ``SqliteStore`` (embedded). Every write a retry can
+repeat is an upsert on a key the retry reproduces, so at-least-once work never duplicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from feedsvc.model import Event, InboxItem, Mode, Position
+
+
+class Store(Protocol):
+    # --- lifecycle ---------------------------------------------------------------------
+    async def ping(self) -> None:
+        """Raise RetryableError unless the store answers a query."""
+
+    async def close(self) -> None: ...
+
+    # --- events ------------------------------------------------------------------------
+    async def insert_event(self, event: Event, ttl_s: int) -> Event | None:
+        """Store ``event`` unless its event_id exists. Returns the existing event, or None
+        when this call stored it. Atomic: of two racing inserts exactly one returns None."""
+
+    async def mark_enqueued(self, event_id: str, ttl_s: int) -> None: ...
+
+    async def is_enqueued(self, event_id: str) -> bool: ...
+
+    async def get_event(self, event_id: str) -> Event | None: ...
+
+    async def put_author_event(self, item: InboxItem, ttl_s: int) -> None:
+        """Upsert the event into its author's time-bucketed partition."""
+
+    async def author_events(
+        self, author_id: str, before: Position | None, limit: int, since_ms: int
+    ) -> list[InboxItem]:
+        """The author's events newest first, strictly older than ``before``, created at or
+        after ``since_ms``."""
+
+    async def touch_pull_author(self, author_id: str, ttl_s: int) -> None:
+        """Record that ``author_id`` has pull-routed events for the next ``ttl_s``."""
+
+    async def pull_authors(self) -> dict[str, int]:
+        """Authors with retained pull-routed events -> last time one was accepted (ms)."""
+
+    # --- inboxes -----------------------------------------------------------------------
+    async def write_inbox(self, user_ids: Sequence[str], item: InboxItem, ttl_s: int) -> None:
+        """Upsert one row for ``item`` into each user's inbox."""
+
+    async def read_inbox(
+        self, user_id: str, before: Position | None, limit: int
+    ) -> list[InboxItem]: ...
+
+    async def delete_inbox_author(self, user_id: str, author_id: str) -> int:
+        """Delete the non-direct rows of ``author_id`` from one inbox; returns how many."""
+
+    async def trim_inbox(self, user_id: str, keep: int) -> int:
+        """Drop everything older than the ``keep`` newest rows; returns rows dropped (or -1
+        when the store trims with one range deletion and cannot count)."""
+
+    # --- follow graph ------------------------------------------------------------------
+    async def follow(self, user_id: str, author_id: str) -> bool:
+        """Add the edge; True when it was new (counts changed)."""
+
+    async def unfollow(self, user_id: str, author_id: str) -> bool: ...
+
+    async def following_subset(self, user_id: str, author_ids: Sequence[str]) -> set[str]:
+        """Which of ``author_ids`` the user follows."""
+
+    async def followers_page(
+        self, author_id: str, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        """One page of followers and an opaque continuation (None at the end)."""
+
+    async def following_page(
+        self, user_id: str, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]: ...
+
+    async def counts(self, user_id: str) -> tuple[int, int]:
+        """(followers, following)."""
+
+    async def get_mode(self, author_id: str) -> Mode: ...
+
+    async def set_mode(self, author_id: str, mode: Mode) -> None: ...

@@ -1,0 +1,374 @@
+"""Production store: Apache Cassandra through cassandra-driver.
+
+Schema: ``cql/*.cql`` (applied by ``feedsvc migrate``). Every statement is prepared once at
+``open``; every call goes through ``execute_async`` bridged into asyncio (``_wait``), so no
+driver call blocks the event loop. Driver exceptions become ``RetryableError`` here.
+Fan-out writes are independent upserts, many in flight under a semaphore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from cassandra import DriverException, OperationTimedOut, RequestExecutionException
+from cassandra.cluster import Cluster, NoHostAvailable, ResponseFuture, Session
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import PreparedStatement
+
+from feedsvc.errors import RetryableError
+from feedsvc.model import MAX_FUTURE_MS, Event, InboxItem, Mode, Position
+
+FOLLOWER_SHARDS = 16  # partitions per author in followers_by_author
+BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
+_PULL_SHARD = 0
+
+_item_encoder = msgspec.msgpack.Encoder()
+_item_decoder = msgspec.msgpack.Decoder(InboxItem)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+_DRIVER_ERRORS = (DriverException, RequestExecutionException, OperationTimedOut, NoHostAvailable)
+
+
+def follower_shard(follower_id: str) -> int:
+    return zlib.crc32(follower_id.encode()) % FOLLOWER_SHARDS
+
+
+def bucket_of(created_at_ms: int) -> int:
+    return created_at_ms // BUCKET_MS
+
+
+def parse_hosts(hosts: Sequence[str]) -> tuple[list[str], int]:
+    """``["a:9042", "b"]`` -> (["a", "b"], 9042). One port for the whole cluster."""
+    names, ports = [], set()
+    for host in hosts:
+        name, sep, port = host.rpartition(":")
+        if sep and port.isdigit() and name:
+            names.append(name)
+            ports.add(int(port))
+        else:
+            names.append(host)
+    if len(ports) > 1:
+        raise ValueError("all FEEDSVC_CASSANDRA_HOSTS must use the same port")
+    return names, ports.pop() if ports else 9042
+
+
+def connect_cluster(hosts: Sequence[str]) -> tuple[Cluster, Session]:
+    """Blocking: call through ``asyncio.to_thread``."""
+    names, port = parse_hosts(hosts)
+    cluster = Cluster(
+        contact_points=names, port=port, protocol_version=5,
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+        connect_timeout=10, control_connection_timeout=10,
+    )
+    try:
+        session = cluster.connect()
+    except Exception:
+        cluster.shutdown()
+        raise
+    session.default_timeout = 30
+    return cluster, session
+
+
+async def _wait(future: ResponseFuture) -> list[Any]:
+    """Bridge a driver ResponseFuture (first page only) into an awaitable."""
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[list[Any]] = loop.create_future()
+
+    def ok(rows: list[Any]) -> None:
+        loop.call_soon_threadsafe(_settle, result, rows, None)
+
+    def fail(exc: BaseException) -> None:
+        loop.call_soon_threadsafe(_settle, result, None, exc)
+
+    future.add_callbacks(ok, fail)
+    try:
+        return await result
+    except _DRIVER_ERRORS as exc:
+        raise RetryableError(f"cassandra: {exc}") from exc
+
+
+def _settle(
+    result: asyncio.Future[list[Any]], rows: list[Any] | None, exc: BaseException | None
+) -> None:
+    if result.done():
+        return
+    if exc is not None:
+        result.set_exception(exc)
+    else:
+        result.set_result(rows if rows is not None else [])
+
+
+class CassandraStore:
+    """``Store`` on Cassandra; see the module docstring."""
+
+    def __init__(self, cluster: Cluster, session: Session, keyspace: str,
+                 concurrency: int = 256) -> None:
+        self.cluster = cluster
+        self.session = session
+        self.keyspace = keyspace
+        self._limit = asyncio.Semaphore(concurrency)
+        self._ps: dict[str, PreparedStatement] = {}
+
+    @classmethod
+    async def open(cls, hosts: Sequence[str], keyspace: str,
+                   concurrency: int = 256) -> CassandraStore:
+        try:
+            cluster, session = await asyncio.to_thread(connect_cluster, hosts)
+        except _DRIVER_ERRORS as exc:
+            raise RetryableError(f"cannot reach Cassandra at {','.join(hosts)}: {exc}") from exc
+        store = cls(cluster, session, keyspace, concurrency)
+        await asyncio.to_thread(store._prepare_all)
+        return store
+
+    def _prepare_all(self) -> None:
+        ks = self.keyspace
+        statements = {
+            "insert_event": f"INSERT INTO {ks}.events_by_id (event_id, body, enqueued) "
+                            "VALUES (?, ?, false) IF NOT EXISTS USING TTL ?",
+            "mark_enqueued": f"UPDATE {ks}.events_by_id USING TTL ? SET enqueued = true "
+                             "WHERE event_id = ?",
+            "get_event": f"SELECT body, enqueued FROM {ks}.events_by_id WHERE event_id = ?",
+            "put_author_event": f"INSERT INTO {ks}.events_by_author "
+                                "(author_id, bucket, created_at, event_id, item) "
+                                "VALUES (?, ?, ?, ?, ?) USING TTL ?",
+            "author_events": f"SELECT item FROM {ks}.events_by_author WHERE author_id = ? "
+                             "AND bucket IN ? AND created_at >= ? ORDER BY created_at DESC, "
+                             "event_id DESC LIMIT ?",
+            "author_events_before": f"SELECT item FROM {ks}.events_by_author WHERE "
+                                    "author_id = ? AND bucket IN ? AND (created_at, event_id) "
+                                    "< (?, ?) AND created_at >= ? ORDER BY created_at DESC, "
+                                    "event_id DESC LIMIT ?",
+            "touch_pull": f"INSERT INTO {ks}.pull_authors (shard, author_id, last_pull) "
+                          "VALUES (?, ?, ?) USING TTL ?",
+            "pull_authors": f"SELECT author_id, last_pull FROM {ks}.pull_authors "
+                            "WHERE shard = ?",
+            "write_inbox": f"INSERT INTO {ks}.inbox_by_user "
+                           "(user_id, created_at, event_id, author_id, direct, item) "
+                           "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?",
+            "read_inbox": f"SELECT item FROM {ks}.inbox_by_user WHERE user_id = ? LIMIT ?",
+            "read_inbox_before": f"SELECT item FROM {ks}.inbox_by_user WHERE user_id = ? "
+                                 "AND (created_at, event_id) < (?, ?) LIMIT ?",
+            "inbox_keys": f"SELECT created_at, event_id, author_id, direct "
+                          f"FROM {ks}.inbox_by_user WHERE user_id = ?",
+            "inbox_positions": f"SELECT created_at, event_id FROM {ks}.inbox_by_user "
+                               "WHERE user_id = ? LIMIT ?",
+            "delete_inbox_row": f"DELETE FROM {ks}.inbox_by_user WHERE user_id = ? "
+                                "AND created_at = ? AND event_id = ?",
+            "trim_inbox": f"DELETE FROM {ks}.inbox_by_user WHERE user_id = ? "
+                          "AND (created_at, event_id) < (?, ?)",
+            "follow": f"INSERT INTO {ks}.following_by_user (user_id, author_id) "
+                      "VALUES (?, ?) IF NOT EXISTS",
+            "unfollow": f"DELETE FROM {ks}.following_by_user WHERE user_id = ? "
+                        "AND author_id = ? IF EXISTS",
+            "add_follower": f"INSERT INTO {ks}.followers_by_author "
+                            "(author_id, shard, follower_id) VALUES (?, ?, ?)",
+            "remove_follower": f"DELETE FROM {ks}.followers_by_author WHERE author_id = ? "
+                               "AND shard = ? AND follower_id = ?",
+            "count_follow": f"UPDATE {ks}.follow_counts SET following = following + ? "
+                            "WHERE user_id = ?",
+            "count_follower": f"UPDATE {ks}.follow_counts SET followers = followers + ? "
+                              "WHERE user_id = ?",
+            "counts": f"SELECT followers, following FROM {ks}.follow_counts WHERE user_id = ?",
+            "following_subset": f"SELECT author_id FROM {ks}.following_by_user "
+                                "WHERE user_id = ? AND author_id IN ?",
+            "followers_page": f"SELECT follower_id FROM {ks}.followers_by_author "
+                              "WHERE author_id = ? AND shard = ? AND follower_id > ? LIMIT ?",
+            "following_page": f"SELECT author_id FROM {ks}.following_by_user "
+                              "WHERE user_id = ? AND author_id > ? LIMIT ?",
+            "get_mode": f"SELECT mode FROM {ks}.author_modes WHERE author_id = ?",
+            "set_mode": f"INSERT INTO {ks}.author_modes (author_id, mode) VALUES (?, ?)",
+        }
+        for name, cql in statements.items():
+            prepared = self.session.prepare(cql)
+            if name.startswith("author_events"):
+                # ORDER BY with IN on the partition key needs paging off; LIMIT bounds it.
+                prepared.fetch_size = None
+            self._ps[name] = prepared
+
+    async def _q(self, name: str, *params: Any) -> list[Any]:
+        async with self._limit:
+            return await _wait(self.session.execute_async(self._ps[name], params))
+
+    async def ping(self) -> None:
+        try:
+            await _wait(self.session.execute_async("SELECT release_version FROM system.local"))
+        except _DRIVER_ERRORS as exc:
+            raise RetryableError(f"cassandra: {exc}") from exc
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.cluster.shutdown)
+
+    # --- events ------------------------------------------------------------------------
+
+    async def insert_event(self, event: Event, ttl_s: int) -> Event | None:
+        rows = await self._q("insert_event", event.event_id, _item_encoder.encode(event), ttl_s)
+        row = rows[0]
+        if row.applied:
+            return None
+        return _event_decoder.decode(row.body)
+
+    async def mark_enqueued(self, event_id: str, ttl_s: int) -> None:
+        await self._q("mark_enqueued", ttl_s, event_id)
+
+    async def is_enqueued(self, event_id: str) -> bool:
+        rows = await self._q("get_event", event_id)
+        return bool(rows and rows[0].enqueued)
+
+    async def get_event(self, event_id: str) -> Event | None:
+        rows = await self._q("get_event", event_id)
+        return _event_decoder.decode(rows[0].body) if rows else None
+
+    async def put_author_event(self, item: InboxItem, ttl_s: int) -> None:
+        await self._q(
+            "put_author_event", item.author_id, bucket_of(item.created_at), item.created_at,
+            item.event_id, _item_encoder.encode(item), ttl_s,
+        )
+
+    async def author_events(
+        self, author_id: str, before: Position | None, limit: int, since_ms: int
+    ) -> list[InboxItem]:
+        oldest = bucket_of(since_ms)
+        # Without a cursor start at the newest bucket that can hold data (intake accepts a
+        # little clock skew into the future).
+        newest = bucket_of(
+            before.created_at if before is not None else _now_ms() + MAX_FUTURE_MS
+        )
+        if newest < oldest:
+            return []
+        buckets = list(range(newest, oldest - 1, -1))
+        if before is None:
+            rows = await self._q("author_events", author_id, buckets, since_ms, limit)
+        else:
+            rows = await self._q(
+                "author_events_before", author_id, buckets, before.created_at,
+                before.event_id, since_ms, limit,
+            )
+        return [_item_decoder.decode(r.item) for r in rows]
+
+    async def touch_pull_author(self, author_id: str, ttl_s: int) -> None:
+        await self._q("touch_pull", _PULL_SHARD, author_id, _now_ms(), ttl_s)
+
+    async def pull_authors(self) -> dict[str, int]:
+        rows = await self._q("pull_authors", _PULL_SHARD)
+        return {r.author_id: r.last_pull for r in rows}
+
+    # --- inboxes -----------------------------------------------------------------------
+
+    async def write_inbox(self, user_ids: Sequence[str], item: InboxItem, ttl_s: int) -> None:
+        blob = _item_encoder.encode(item)
+        ps = self._ps["write_inbox"]
+
+        async def one(user_id: str) -> None:
+            async with self._limit:
+                await _wait(self.session.execute_async(
+                    ps, (user_id, item.created_at, item.event_id, item.author_id, item.direct,
+                         blob, ttl_s),
+                ))
+
+        await asyncio.gather(*(one(u) for u in user_ids))
+
+    async def read_inbox(
+        self, user_id: str, before: Position | None, limit: int
+    ) -> list[InboxItem]:
+        if before is None:
+            rows = await self._q("read_inbox", user_id, limit)
+        else:
+            rows = await self._q(
+                "read_inbox_before", user_id, before.created_at, before.event_id, limit
+            )
+        return [_item_decoder.decode(r.item) for r in rows]
+
+    async def delete_inbox_author(self, user_id: str, author_id: str) -> int:
+        rows = await self._q("inbox_keys", user_id)
+        doomed = [r for r in rows if r.author_id == author_id and not r.direct]
+        await asyncio.gather(
+            *(self._q("delete_inbox_row", user_id, r.created_at, r.event_id) for r in doomed)
+        )
+        return len(doomed)
+
+    async def trim_inbox(self, user_id: str, keep: int) -> int:
+        rows = await self._q("inbox_positions", user_id, keep + 1)
+        if len(rows) <= keep:
+            return 0
+        last = rows[keep - 1]
+        await self._q("trim_inbox", user_id, last.created_at, last.event_id)
+        return -1
+
+    # --- follow graph ------------------------------------------------------------------
+
+    async def follow(self, user_id: str, author_id: str) -> bool:
+        rows = await self._q("follow", user_id, author_id)
+        applied = bool(rows[0].applied)
+        # Always (re)write the reverse edge: a retry after a crash between the two writes
+        # repairs it. Counts change only when the edge is new.
+        await self._q("add_follower", author_id, follower_shard(user_id), user_id)
+        if applied:
+            await asyncio.gather(
+                self._q("count_follow", 1, user_id), self._q("count_follower", 1, author_id)
+            )
+        return applied
+
+    async def unfollow(self, user_id: str, author_id: str) -> bool:
+        rows = await self._q("unfollow", user_id, author_id)
+        applied = bool(rows[0].applied)
+        await self._q("remove_follower", author_id, follower_shard(user_id), user_id)
+        if applied:
+            await asyncio.gather(
+                self._q("count_follow", -1, user_id), self._q("count_follower", -1, author_id)
+            )
+        return applied
+
+    async def following_subset(self, user_id: str, author_ids: Sequence[str]) -> set[str]:
+        ids = list(dict.fromkeys(author_ids))
+        chunks = [ids[i:i + 100] for i in range(0, len(ids), 100)]
+        results = await asyncio.gather(
+            *(self._q("following_subset", user_id, chunk) for chunk in chunks)
+        )
+        return {r.author_id for rows in results for r in rows}
+
+    async def followers_page(
+        self, author_id: str, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        shard, last = 0, ""
+        if after:
+            shard_text, _, last = after.partition(":")
+            shard = int(shard_text) if shard_text.isdigit() else FOLLOWER_SHARDS
+        out: list[str] = []
+        while shard < FOLLOWER_SHARDS and len(out) < limit:
+            want = limit - len(out)
+            rows = await self._q("followers_page", author_id, shard, last, want)
+            out.extend(r.follower_id for r in rows)
+            if len(rows) == want:
+                return out, f"{shard}:{out[-1]}"
+            shard, last = shard + 1, ""
+        return out, None
+
+    async def following_page(
+        self, user_id: str, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        rows = await self._q("following_page", user_id, after or "", limit + 1)
+        ids = [r.author_id for r in rows]
+        more = len(ids) > limit
+        ids = ids[:limit]
+        return ids, (ids[-1] if more else None)
+
+    async def counts(self, user_id: str) -> tuple[int, int]:
+        rows = await self._q("counts", user_id)
+        if not rows:
+            return 0, 0
+        return int(rows[0].followers or 0), int(rows[0].following or 0)
+
+    async def get_mode(self, author_id: str) -> Mode:
+        rows = await self._q("get_mode", author_id)
+        return "pull" if rows and rows[0].mode == "pull" else "push"
+
+    async def set_mode(self, author_id: str, mode: Mode) -> None:
+        await self._q("set_mode", author_id, mode)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,340 @@
+"""Embedded store: one SQLite file under ``FEEDSVC_DATA_DIR``.
+
+For development, demos and small single-node installs. It implements the same ``Store``
+port as Cassandra and passes the same contract suite. All calls run on one dedicated
+thread (SQLite connections are not shared across threads), so the event loop never blocks.
+Retention is enforced by ``expires_at`` columns filtered on read and purged by ``purge``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from feedsvc.errors import RetryableError
+from feedsvc.model import Event, InboxItem, Mode, Position
+
+T = TypeVar("T")
+
+_SCHEMA = """
+PRAGMA journal_mode=WAL;
+PRAGMA synchronous=NORMAL;
+CREATE TABLE IF NOT EXISTS events_by_id (
+    event_id TEXT PRIMARY KEY, body BLOB NOT NULL, enqueued INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS events_by_author (
+    author_id TEXT NOT NULL, created_at INTEGER NOT NULL, event_id TEXT NOT NULL,
+    item BLOB NOT NULL, expires_at INTEGER NOT NULL,
+    PRIMARY KEY (author_id, created_at, event_id));
+CREATE TABLE IF NOT EXISTS pull_authors (
+    author_id TEXT PRIMARY KEY, last_pull INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS inbox_by_user (
+    user_id TEXT NOT NULL, created_at INTEGER NOT NULL, event_id TEXT NOT NULL,
+    author_id TEXT NOT NULL, direct INTEGER NOT NULL, item BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (user_id, created_at, event_id));
+CREATE TABLE IF NOT EXISTS follows (
+    user_id TEXT NOT NULL, author_id TEXT NOT NULL, PRIMARY KEY (user_id, author_id));
+CREATE INDEX IF NOT EXISTS followers_by_author ON follows (author_id, user_id);
+CREATE TABLE IF NOT EXISTS author_modes (author_id TEXT PRIMARY KEY, mode TEXT NOT NULL);
+"""
+
+_item_encoder = msgspec.msgpack.Encoder()
+_item_decoder = msgspec.msgpack.Decoder(InboxItem)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SqliteStore:
+    """``Store`` on one SQLite file; see the module docstring."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedsvc-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        store = cls(path)
+        await store._run(store._open)
+        return store
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.executescript(_SCHEMA)
+        self._conn = conn
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as exc:
+            raise RetryableError(f"sqlite: {exc}") from exc
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        assert self._conn is not None, "store is not open"
+        return self._conn
+
+    async def ping(self) -> None:
+        await self._run(lambda: self.db.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._run(self.db.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    # --- events ------------------------------------------------------------------------
+
+    async def insert_event(self, event: Event, ttl_s: int) -> Event | None:
+        def insert() -> Event | None:
+            now = _now_ms()
+            cur = self.db.execute(
+                "INSERT INTO events_by_id (event_id, body, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (event_id) DO UPDATE SET body = excluded.body, enqueued = 0, "
+                "expires_at = excluded.expires_at WHERE events_by_id.expires_at <= ?",
+                (event.event_id, _item_encoder.encode(event), now + ttl_s * 1000, now),
+            )
+            if cur.rowcount == 1:
+                return None
+            row = self.db.execute(
+                "SELECT body FROM events_by_id WHERE event_id = ?", (event.event_id,)
+            ).fetchone()
+            return _event_decoder.decode(row[0])
+
+        return await self._run(insert)
+
+    async def mark_enqueued(self, event_id: str, ttl_s: int) -> None:
+        await self._run(
+            self.db.execute, "UPDATE events_by_id SET enqueued = 1 WHERE event_id = ?",
+            (event_id,),
+        )
+
+    async def is_enqueued(self, event_id: str) -> bool:
+        row = await self._run(
+            lambda: self.db.execute(
+                "SELECT enqueued FROM events_by_id WHERE event_id = ? AND expires_at > ?",
+                (event_id, _now_ms()),
+            ).fetchone()
+        )
+        return bool(row and row[0])
+
+    async def get_event(self, event_id: str) -> Event | None:
+        row = await self._run(
+            lambda: self.db.execute(
+                "SELECT body FROM events_by_id WHERE event_id = ? AND expires_at > ?",
+                (event_id, _now_ms()),
+            ).fetchone()
+        )
+        return _event_decoder.decode(row[0]) if row else None
+
+    async def put_author_event(self, item: InboxItem, ttl_s: int) -> None:
+        await self._run(
+            self.db.execute,
+            "INSERT OR REPLACE INTO events_by_author VALUES (?, ?, ?, ?, ?)",
+            (item.author_id, item.created_at, item.event_id, _item_encoder.encode(item),
+             _now_ms() + ttl_s * 1000),
+        )
+
+    async def author_events(
+        self, author_id: str, before: Position | None, limit: int, since_ms: int
+    ) -> list[InboxItem]:
+        def query() -> list[InboxItem]:
+            sql = (
+                "SELECT item FROM events_by_author WHERE author_id = ? AND created_at >= ? "
+                "AND expires_at > ?"
+            )
+            params: list[Any] = [author_id, since_ms, _now_ms()]
+            if before is not None:
+                sql += " AND (created_at, event_id) < (?, ?)"
+                params += [before.created_at, before.event_id]
+            sql += " ORDER BY created_at DESC, event_id DESC LIMIT ?"
+            params.append(limit)
+            return [_item_decoder.decode(r[0]) for r in self.db.execute(sql, params)]
+
+        return await self._run(query)
+
+    async def touch_pull_author(self, author_id: str, ttl_s: int) -> None:
+        now = _now_ms()
+        await self._run(
+            self.db.execute,
+            "INSERT INTO pull_authors VALUES (?, ?, ?) ON CONFLICT (author_id) DO UPDATE SET "
+            "last_pull = excluded.last_pull, expires_at = excluded.expires_at",
+            (author_id, now, now + ttl_s * 1000),
+        )
+
+    async def pull_authors(self) -> dict[str, int]:
+        rows = await self._run(
+            lambda: self.db.execute(
+                "SELECT author_id, last_pull FROM pull_authors WHERE expires_at > ?",
+                (_now_ms(),),
+            ).fetchall()
+        )
+        return {a: t for a, t in rows}
+
+    # --- inboxes -----------------------------------------------------------------------
+
+    async def write_inbox(self, user_ids: Sequence[str], item: InboxItem, ttl_s: int) -> None:
+        blob = _item_encoder.encode(item)
+        expires = _now_ms() + ttl_s * 1000
+        rows = [
+            (u, item.created_at, item.event_id, item.author_id, int(item.direct), blob, expires)
+            for u in user_ids
+        ]
+
+        def write() -> None:
+            with self.db:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO inbox_by_user VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+                )
+
+        await self._run(write)
+
+    async def read_inbox(
+        self, user_id: str, before: Position | None, limit: int
+    ) -> list[InboxItem]:
+        def query() -> list[InboxItem]:
+            sql = "SELECT item FROM inbox_by_user WHERE user_id = ? AND expires_at > ?"
+            params: list[Any] = [user_id, _now_ms()]
+            if before is not None:
+                sql += " AND (created_at, event_id) < (?, ?)"
+                params += [before.created_at, before.event_id]
+            sql += " ORDER BY created_at DESC, event_id DESC LIMIT ?"
+            params.append(limit)
+            return [_item_decoder.decode(r[0]) for r in self.db.execute(sql, params)]
+
+        return await self._run(query)
+
+    async def delete_inbox_author(self, user_id: str, author_id: str) -> int:
+        cur = await self._run(
+            self.db.execute,
+            "DELETE FROM inbox_by_user WHERE user_id = ? AND author_id = ? AND direct = 0",
+            (user_id, author_id),
+        )
+        return int(cur.rowcount)
+
+    async def trim_inbox(self, user_id: str, keep: int) -> int:
+        def trim() -> int:
+            row = self.db.execute(
+                "SELECT created_at, event_id FROM inbox_by_user WHERE user_id = ? "
+                "ORDER BY created_at DESC, event_id DESC LIMIT 1 OFFSET ?",
+                (user_id, keep - 1),
+            ).fetchone()
+            if row is None:
+                return 0
+            cur = self.db.execute(
+                "DELETE FROM inbox_by_user WHERE user_id = ? AND (created_at, event_id) < (?, ?)",
+                (user_id, row[0], row[1]),
+            )
+            return int(cur.rowcount)
+
+        return await self._run(trim)
+
+    async def purge(self) -> None:
+        """Delete expired rows (the embedded stand-in for Cassandra's TTL)."""
+
+        def purge() -> None:
+            now = _now_ms()
+            with self.db:
+                for table in ("events_by_id", "events_by_author", "pull_authors",
+                              "inbox_by_user"):
+                    self.db.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+
+        await self._run(purge)
+
+    # --- follow graph ------------------------------------------------------------------
+
+    async def follow(self, user_id: str, author_id: str) -> bool:
+        cur = await self._run(
+            self.db.execute, "INSERT OR IGNORE INTO follows VALUES (?, ?)", (user_id, author_id)
+        )
+        return bool(cur.rowcount == 1)
+
+    async def unfollow(self, user_id: str, author_id: str) -> bool:
+        cur = await self._run(
+            self.db.execute, "DELETE FROM follows WHERE user_id = ? AND author_id = ?",
+            (user_id, author_id),
+        )
+        return bool(cur.rowcount == 1)
+
+    async def following_subset(self, user_id: str, author_ids: Sequence[str]) -> set[str]:
+        ids = list(dict.fromkeys(author_ids))
+
+        def query() -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    r[0] for r in self.db.execute(
+                        f"SELECT author_id FROM follows WHERE user_id = ? "
+                        f"AND author_id IN ({marks})", [user_id, *chunk],
+                    )
+                )
+            return found
+
+        return await self._run(query) if ids else set()
+
+    async def _page(
+        self, sql: str, key: str, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        rows = await self._run(
+            lambda: [r[0] for r in self.db.execute(sql, (key, after or "", limit + 1))]
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1] if more else None)
+
+    async def followers_page(
+        self, author_id: str, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        return await self._page(
+            "SELECT user_id FROM follows WHERE author_id = ? AND user_id > ? "
+            "ORDER BY user_id LIMIT ?", author_id, after, limit,
+        )
+
+    async def following_page(
+        self, user_id: str, after: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        return await self._page(
+            "SELECT author_id FROM follows WHERE user_id = ? AND author_id > ? "
+            "ORDER BY author_id LIMIT ?", user_id, after, limit,
+        )
+
+    async def counts(self, user_id: str) -> tuple[int, int]:
+        def query() -> tuple[int, int]:
+            followers = self.db.execute(
+                "SELECT count(*) FROM follows WHERE author_id = ?", (user_id,)
+            ).fetchone()[0]
+            following = self.db.execute(
+                "SELECT count(*) FROM follows WHERE user_id = ?", (user_id,)
+            ).fetchone()[0]
+            return int(followers), int(following)
+
+        return await self._run(query)
+
+    async def get_mode(self, author_id: str) -> Mode:
+        row = await self._run(
+            lambda: self.db.execute(
+                "SELECT mode FROM author_modes WHERE author_id = ?", (author_id,)
+            ).fetchone()
+        )
+        return "pull" if row and row[0] == "pull" else "push"
+
+    async def set_mode(self, author_id: str, mode: Mode) -> None:
+        await self._run(
+            self.db.execute, "INSERT OR REPLACE INTO author_modes VALUES (?, ?)",
+            (author_id, mode),
+        )

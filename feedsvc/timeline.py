@@ -1,0 +1,187 @@
+"""Read merge: one user's inbox page plus pulls of the celebrities they follow.
+
+``read_inbox`` costs one inbox query, one query for the set of pull authors, one to learn
+which of them the reader follows, and one query per followed celebrity (at most
+``FEEDSVC_MAX_PULL_AUTHORS``, the most recently active first; past the cap the least
+recently active are left out of that read), all issued concurrently. Further queries run
+only when filtering leaves a page short.
+
+Order is (created_at desc, event_id desc). Each item is emitted at most once: the same
+event from the inbox and from a pull is one item; items sharing a non-null ``object_id``
+collapse into the newest. Keyset cursors: the next page holds only items strictly older
+than the last one returned, and the cursor carries hashes of the object ids already shown
+(the newest ``MAX_CURSOR_OBJECTS``) so a collapsed object does not reappear later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import heapq
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from feedsvc.errors import InvalidRequest
+from feedsvc.model import InboxItem, Position
+from feedsvc.runtime import Runtime
+
+Via = Literal["push", "pull"]
+MAX_CURSOR_OBJECTS = 100
+
+
+class Cursor(msgspec.Struct, array_like=True, frozen=True):
+    created_at: int
+    event_id: str
+    objects: tuple[int, ...] = ()
+
+    @property
+    def position(self) -> Position:
+        return Position(self.created_at, self.event_id)
+
+
+_cursor_decoder = msgspec.msgpack.Decoder(Cursor)
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    return base64.urlsafe_b64encode(msgspec.msgpack.encode(cursor)).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> Cursor:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return _cursor_decoder.decode(raw)
+    except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
+        raise InvalidRequest("cursor is not one this API returned", code="invalid_cursor",
+                             field="cursor") from exc
+
+
+def object_hash(object_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(object_id.encode(), digest_size=8).digest(), "big")
+
+
+# A fetch returns a batch of items and where the next batch starts (None: exhausted).
+Fetch = Callable[[Position | None, int], Awaitable[tuple[list[InboxItem], Position | None]]]
+
+
+def _continuation(rows: list[InboxItem], n: int) -> Position | None:
+    return Position(rows[-1].created_at, rows[-1].event_id) if len(rows) == n else None
+
+
+async def _paged(fetch: Fetch, start: Position | None, batch: int) -> AsyncIterator[InboxItem]:
+    """Yield a source's items newest first, fetching ``batch`` at a time on demand."""
+    position: Position | None = start
+    while True:
+        items, position = await fetch(position, batch)
+        for item in items:
+            yield item
+        if position is None:
+            return
+
+
+class _Entry:
+    """Heap entry ordered newest first."""
+
+    __slots__ = ("item", "source", "via")
+
+    def __init__(self, item: InboxItem, source: int, via: Via) -> None:
+        self.item, self.source, self.via = item, source, via
+
+    def __lt__(self, other: _Entry) -> bool:
+        a, b = self.item, other.item
+        return (a.created_at, a.event_id, other.source) > (b.created_at, b.event_id, self.source)
+
+
+async def merge(sources: list[tuple[AsyncIterator[InboxItem], Via]]
+                ) -> AsyncIterator[tuple[InboxItem, Via]]:
+    """K-way merge of newest-first sources (first fetches run concurrently)."""
+    firsts = await asyncio.gather(*(anext(it, None) for it, _ in sources))
+    heap = [_Entry(item, i, sources[i][1]) for i, item in enumerate(firsts) if item is not None]
+    heapq.heapify(heap)
+    while heap:
+        top = heap[0]
+        yield top.item, top.via
+        following = await anext(sources[top.source][0], None)
+        if following is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, _Entry(following, top.source, top.via))
+
+
+@dataclass
+class Page:
+    items: list[tuple[InboxItem, Via]] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | None) -> Page:
+    store = rt.store
+    since = rt.now_ms() - rt.settings.retention_ms
+    start = cursor.position if cursor else None
+
+    pulls = await store.pull_authors()
+    candidates = [a for a in pulls if a != user_id]
+    followed = await store.following_subset(user_id, candidates) if candidates else set()
+    celebrities = sorted(followed, key=lambda a: (pulls[a], a), reverse=True)
+    celebrities = celebrities[: rt.settings.max_pull_authors]
+
+    async def inbox_batch(
+        position: Position | None, n: int
+    ) -> tuple[list[InboxItem], Position | None]:
+        rows = await store.read_inbox(user_id, position, n)
+        # Unfollowed authors leave the inbox at once: filter here, the unmerge job deletes.
+        authors = {r.author_id for r in rows if not r.direct and r.author_id != user_id}
+        kept = await store.following_subset(user_id, list(authors)) if authors else set()
+        visible = [r for r in rows if r.direct or r.author_id == user_id or r.author_id in kept]
+        return visible, _continuation(rows, n)
+
+    def celebrity_fetch(author_id: str) -> Fetch:
+        async def fetch(
+            position: Position | None, n: int
+        ) -> tuple[list[InboxItem], Position | None]:
+            rows = await store.author_events(author_id, position, n, since)
+            return rows, _continuation(rows, n)
+
+        return fetch
+
+    batch = limit + 1
+    sources: list[tuple[AsyncIterator[InboxItem], Via]] = [
+        (_paged(inbox_batch, start, batch), "push")
+    ]
+    sources += [(_paged(celebrity_fetch(a), start, batch), "pull") for a in celebrities]
+
+    seen_objects = list(cursor.objects) if cursor else []
+    seen_set = set(seen_objects)
+    page = Page()
+    last_event: str | None = None
+    stream: Any = merge(sources)
+    async for item, via in stream:
+        if item.event_id == last_event:
+            continue
+        if item.created_at < since:
+            continue
+        last_event = item.event_id
+        if item.object_id is not None:
+            h = object_hash(item.object_id)
+            if h in seen_set:
+                continue
+        if len(page.items) == limit:
+            # There is at least one more item: the page ends here with a cursor.
+            tail = page.items[-1][0]
+            page.next_cursor = encode_cursor(
+                Cursor(tail.created_at, tail.event_id, tuple(seen_objects[-MAX_CURSOR_OBJECTS:]))
+            )
+            break
+        if item.object_id is not None:
+            seen_set.add(h)
+            seen_objects.append(h)
+        page.items.append((item, via))
+    await stream.aclose()
+    for source, _ in sources:
+        await source.aclose()  # type: ignore[attr-defined]
+    return page
+
