@@ -16,7 +16,14 @@ from typing import Any
 
 import msgspec
 from cassandra import DriverException, OperationTimedOut, RequestExecutionException
-from cassandra.cluster import Cluster, NoHostAvailable, ResponseFuture, Session
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement
 
@@ -59,9 +66,12 @@ def parse_hosts(hosts: Sequence[str]) -> tuple[list[str], int]:
 def connect_cluster(hosts: Sequence[str]) -> tuple[Cluster, Session]:
     """Blocking: call through ``asyncio.to_thread``."""
     names, port = parse_hosts(hosts)
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()), request_timeout=30,
+    )
     cluster = Cluster(
         contact_points=names, port=port, protocol_version=5,
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         connect_timeout=10, control_connection_timeout=10,
     )
     try:
@@ -69,7 +79,6 @@ def connect_cluster(hosts: Sequence[str]) -> tuple[Cluster, Session]:
     except Exception:
         cluster.shutdown()
         raise
-    session.default_timeout = 30
     return cluster, session
 
 

@@ -1,0 +1,168 @@
+"""Fixtures: real Cassandra and Redis (see ``tests/servers.py``), and factories that build
+runtimes and HTTP clients for both backends and close what they build."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+from cassandra.cluster import Cluster, Session
+
+from feedsvc.api.app import init_app
+from feedsvc.config import Settings
+from feedsvc.migrate import migrate
+from feedsvc.queue.embedded import EmbeddedQueue
+from feedsvc.queue.redis import RedisQueue
+from feedsvc.runtime import Runtime
+from feedsvc.store.cassandra import CassandraStore, connect_cluster
+from feedsvc.store.sqlite import SqliteStore
+from tests.servers import Endpoints, discover
+
+SERVICE_KEY = "test-service-key"
+JWT_SECRET = "test-jwt-secret-0123456789abcdef-0123456789"
+BACKENDS = ["embedded", "cassandra"]
+
+
+@pytest.fixture(scope="session")
+def endpoints() -> Iterator[Endpoints]:
+    with ExitStack() as stack:
+        try:
+            found = discover(stack)
+        except Exception as exc:  # never a skip: the suite needs real servers
+            pytest.fail(f"no Cassandra/Redis for the tests ({exc}); run `make services`",
+                        pytrace=False)
+        yield found
+
+
+class CassandraKeyspace:
+    def __init__(self, cluster: Cluster, session: Session, keyspace: str,
+                 hosts: tuple[str, ...]) -> None:
+        self.cluster, self.session, self.keyspace, self.hosts = cluster, session, keyspace, hosts
+
+
+@pytest.fixture(scope="session")
+async def cassandra(endpoints: Endpoints) -> AsyncIterator[CassandraKeyspace]:
+    """A session on a fresh, migrated keyspace, dropped at the end."""
+    cluster, session = await asyncio.to_thread(connect_cluster, endpoints.cassandra_hosts)
+    keyspace = f"feedsvc_test_{uuid.uuid4().hex[:12]}"
+    await asyncio.to_thread(migrate, session, keyspace)
+    try:
+        yield CassandraKeyspace(cluster, session, keyspace, endpoints.cassandra_hosts)
+    finally:
+        await asyncio.to_thread(session.execute, f"DROP KEYSPACE IF EXISTS {keyspace}",
+                                timeout=120)
+        await asyncio.to_thread(cluster.shutdown)
+
+
+@pytest.fixture(scope="session")
+async def cassandra_store(cassandra: CassandraKeyspace) -> CassandraStore:
+    store = CassandraStore(cassandra.cluster, cassandra.session, cassandra.keyspace)
+    await asyncio.to_thread(store._prepare_all)
+    return store
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A per-test namespace for ids and Redis keys."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def redis_client(endpoints: Endpoints, prefix: str) -> AsyncIterator[aioredis.Redis]:
+    """A Redis client; every key under this test's prefix is deleted afterwards."""
+    client = aioredis.Redis.from_url(endpoints.redis_url)
+    try:
+        yield client
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+def base_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "service_keys": (SERVICE_KEY,), "jwt_secret": JWT_SECRET, "celebrity_threshold": 10,
+        "claim_idle": 2.0, "inbox_trim_every": 1,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+MakeRuntime = Callable[..., Awaitable[Runtime]]
+
+
+@pytest.fixture(params=BACKENDS)
+async def make_runtime(
+    request: pytest.FixtureRequest, tmp_path: Path, prefix: str, endpoints: Endpoints,
+    cassandra: CassandraKeyspace, cassandra_store: CassandraStore,
+) -> AsyncIterator[MakeRuntime]:
+    """Factory: ``await make_runtime(celebrity_threshold=5)`` -> a Runtime on this test's
+    backend (parametrized: embedded, cassandra). Everything it opens is closed after."""
+    backend: str = request.param
+    opened: list[Callable[[], Awaitable[None]]] = []
+
+    async def factory(**overrides: Any) -> Runtime:
+        if backend == "embedded":
+            settings = base_settings(data_dir=tmp_path / "data", **overrides)
+            store: Any = await SqliteStore.open(settings.data_dir / "feedsvc.sqlite3")
+            queue: Any = await EmbeddedQueue.open(
+                settings.data_dir / "queue.sqlite3", claim_idle=settings.claim_idle,
+                low_max_age=settings.low_max_age)
+            opened.append(store.close)
+        else:
+            settings = base_settings(
+                cassandra_hosts=endpoints.cassandra_hosts, redis_url=endpoints.redis_url,
+                keyspace=cassandra.keyspace, **overrides)
+            store = cassandra_store
+            queue = await RedisQueue.open(
+                endpoints.redis_url, prefix=prefix, claim_idle=settings.claim_idle,
+                low_max_age=settings.low_max_age)
+            opened.append(lambda: _drop_prefix(queue, prefix))
+        opened.append(queue.close)
+        return Runtime(settings, store, queue)
+
+    yield factory
+    for close in reversed(opened):
+        await close()
+
+
+async def _drop_prefix(queue: RedisQueue, prefix: str) -> None:
+    keys = [k async for k in queue.redis.scan_iter(match=f"{prefix}:*", count=1000)]
+    if keys:
+        await queue.redis.delete(*keys)
+
+
+@pytest.fixture
+async def runtime(make_runtime: MakeRuntime) -> Runtime:
+    return await make_runtime()
+
+
+MakeClient = Callable[[Runtime], Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[MakeClient]:
+    clients: list[TestClient[Any, Any]] = []
+
+    async def factory(rt: Runtime) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = TestClient(TestServer(init_app(rt)))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+def service_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {SERVICE_KEY}"}
