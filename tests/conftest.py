@@ -125,7 +125,9 @@ async def make_runtime(
             queue = await RedisQueue.open(
                 endpoints.redis_url, prefix=prefix, claim_idle=settings.claim_idle,
                 low_max_age=settings.low_max_age)
-            opened.append(lambda: _drop_prefix(queue, prefix))
+            opened.append(queue.close)
+            opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
+            return Runtime(settings, store, queue)
         opened.append(queue.close)
         return Runtime(settings, store, queue)
 

@@ -99,6 +99,21 @@ class RedisQueue:
 
     async def _claim(self, consumer: str, block_s: float) -> Delivery | None:
         buffer = self._buffer.setdefault(consumer, [])
+        deadline = time.monotonic() + block_s
+        while True:
+            if not buffer:
+                await self._fill(consumer, buffer, deadline - time.monotonic())
+            if not buffer:
+                return None
+            buffer.sort(key=lambda d: PRIORITIES.index(d.priority))
+            delivery = buffer.pop(0)
+            if not self._expired(delivery):
+                return delivery
+            await self.shed(delivery)
+
+    async def _fill(self, consumer: str, buffer: list[Delivery], block_s: float) -> None:
+        """Reclaim idle entries of dead consumers, else read new entries by priority,
+        else block on all streams for up to ``block_s``."""
         now = time.monotonic()
         if now - self._last_reclaim.get(consumer, 0.0) >= self.claim_idle_ms / 2000:
             self._last_reclaim[consumer] = now
@@ -108,15 +123,16 @@ class RedisQueue:
                     min_idle_time=self.claim_idle_ms, start_id="0-0", count=16,
                 )
                 buffer.extend(self._deliveries(priority, reply[1]))
-        if not buffer:
-            for priority in PRIORITIES:
-                read: Any = await self.redis.xreadgroup(
-                    GROUP, consumer, {self.streams[priority]: ">"}, count=1
-                )
-                if read:
-                    buffer.extend(self._deliveries(priority, read[0][1]))
-                    break
-        if not buffer and block_s > 0:
+            if buffer:
+                return
+        for priority in PRIORITIES:
+            read: Any = await self.redis.xreadgroup(
+                GROUP, consumer, {self.streams[priority]: ">"}, count=1
+            )
+            if read:
+                buffer.extend(self._deliveries(priority, read[0][1]))
+                return
+        if block_s > 0:
             blocked: Any = await self.redis.xreadgroup(
                 GROUP, consumer, {s: ">" for s in self.streams.values()}, count=1,
                 block=max(1, int(block_s * 1000)),
@@ -125,14 +141,6 @@ class RedisQueue:
             for stream, entries in blocked or []:
                 name = stream.decode() if isinstance(stream, bytes) else stream
                 buffer.extend(self._deliveries(by_stream[name], entries))
-        while buffer:
-            buffer.sort(key=lambda d: PRIORITIES.index(d.priority))
-            delivery = buffer.pop(0)
-            if self._expired(delivery):
-                await self.shed(delivery)
-                continue
-            return delivery
-        return None
 
     def _expired(self, delivery: Delivery) -> bool:
         return (delivery.priority == "low"

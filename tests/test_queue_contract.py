@@ -1,0 +1,74 @@
+"""One contract for every Queue: Redis Streams and the embedded SQLite queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+from feedsvc.model import BackfillTask, Envelope, Priority
+from feedsvc.runtime import Runtime
+from tests.conftest import MakeRuntime
+
+
+def envelope(tag: str, enqueued_at: int) -> Envelope:
+    return Envelope(BackfillTask([(tag, "x")]), enqueued_at)
+
+
+def tag_of(env: Envelope) -> str:
+    task = env.task
+    assert isinstance(task, BackfillTask)
+    return task.pairs[0][0]
+
+
+async def test_priority_order_and_ack(runtime: Runtime) -> None:
+    queue, now = runtime.queue, runtime.now_ms()
+    order: list[tuple[Priority, str]] = [("low", "l1"), ("medium", "m1"), ("high", "h1"),
+                                         ("low", "l2"), ("high", "h2")]
+    for priority, tag in order:
+        await queue.enqueue(priority, envelope(tag, now))
+    assert (await queue.stats()).depth == {"high": 2, "medium": 1, "low": 2}
+    got = []
+    while (delivery := await queue.claim("c1", 0.05)) is not None:
+        got.append(tag_of(delivery.envelope))
+        await queue.ack(delivery)
+    assert got == ["h1", "h2", "m1", "l1", "l2"]
+    assert (await queue.stats()).depth == {"high": 0, "medium": 0, "low": 0}
+
+
+async def test_unacked_entry_is_reclaimed_after_idle(make_runtime: MakeRuntime) -> None:
+    rt = await make_runtime(claim_idle=0.5)
+    await rt.queue.enqueue("medium", envelope("job", rt.now_ms()))
+    first = await rt.queue.claim("dead-consumer", 0.05)
+    assert first is not None
+    assert await rt.queue.claim("live-consumer", 0.05) is None  # still owned, not idle yet
+    await asyncio.sleep(0.8)
+    again = await rt.queue.claim("live-consumer", 0.05)
+    assert again is not None and tag_of(again.envelope) == "job"
+    await rt.queue.ack(again)
+    await asyncio.sleep(0.8)
+    assert await rt.queue.claim("live-consumer", 0.05) is None
+
+
+async def test_old_low_entries_are_shed_to_the_dead_letters(make_runtime: MakeRuntime) -> None:
+    rt = await make_runtime(low_max_age=60.0)
+    now = rt.now_ms()
+    await rt.queue.enqueue("low", envelope("stale", now - 120_000))
+    await rt.queue.enqueue("low", envelope("fresh", now))
+    await rt.queue.enqueue("medium", envelope("old-but-medium", now - 120_000))
+    got = []
+    while (delivery := await rt.queue.claim("c", 0.05)) is not None:
+        got.append(tag_of(delivery.envelope))
+        await rt.queue.ack(delivery)
+    assert got == ["old-but-medium", "fresh"]
+    stats = await rt.queue.stats()
+    assert stats.shed == 1 and stats.dead_letters == 1
+    (letter,) = await rt.queue.dead_letters(10)
+    assert letter.reason == "shed" and tag_of(letter.envelope) == "stale"
+
+
+async def test_blocking_claim_wakes_on_enqueue(runtime: Runtime) -> None:
+    waiter = asyncio.create_task(runtime.queue.claim("c", 5.0))
+    await asyncio.sleep(0.2)
+    await runtime.queue.enqueue("high", envelope("wake", runtime.now_ms()))
+    delivery = await asyncio.wait_for(waiter, 5.0)
+    assert delivery is not None and tag_of(delivery.envelope) == "wake"
+    await runtime.queue.ack(delivery)

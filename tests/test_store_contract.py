@@ -1,0 +1,131 @@
+"""One contract for every Store: run against Cassandra and the embedded SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+
+from feedsvc.model import Event, InboxItem, Position
+from feedsvc.runtime import Runtime
+from tests.conftest import MakeRuntime
+
+DAY_MS = 86_400_000
+
+
+def item(author: str, t: int, e: str, *, direct: bool = False,
+         object_id: str | None = None) -> InboxItem:
+    return InboxItem(event_id=e, author_id=author, kind="post", created_at=t,
+                     priority="medium", payload='{"n":1}', object_id=object_id, direct=direct)
+
+
+def event(e: str, body_hash: str = "h1") -> Event:
+    return Event(event_id=e, author_id="a", kind="k", created_at=1, priority="medium",
+                 payload="{}", route="push", accepted_at=1, body_hash=body_hash)
+
+
+async def test_insert_event_once(runtime: Runtime, prefix: str) -> None:
+    store = runtime.store
+    first = event(f"{prefix}-e1")
+    assert await store.insert_event(first, 3600) is None
+    again = await store.insert_event(event(f"{prefix}-e1", "other"), 3600)
+    assert again == first  # the stored one, not overwritten
+    assert await store.get_event(first.event_id) == first
+    assert not await store.is_enqueued(first.event_id)
+    await store.mark_enqueued(first.event_id, 3600)
+    assert await store.is_enqueued(first.event_id)
+    racers = [event(f"{prefix}-race", f"h{i}") for i in range(8)]
+    results = await asyncio.gather(*(store.insert_event(r, 3600) for r in racers))
+    assert sum(r is None for r in results) == 1
+
+
+async def test_inbox_order_paging_and_upsert(runtime: Runtime, prefix: str) -> None:
+    store, user = runtime.store, f"{prefix}-u"
+    now = runtime.now_ms()
+    items = [item("a", now - i * 1000, f"e{i:02d}") for i in range(30)]
+    items.append(item("a", now - 5000, "e05b"))  # same created_at as e05: event_id breaks ties
+    for it in items:
+        await store.write_inbox([user], it, 3600)
+        await store.write_inbox([user], it, 3600)  # a retry rewrites the same row
+    got: list[InboxItem] = []
+    position: Position | None = None
+    while True:
+        page = await store.read_inbox(user, position, 7)
+        got += page
+        if len(page) < 7:
+            break
+        position = Position(page[-1].created_at, page[-1].event_id)
+    expected = sorted(items, key=lambda i: (i.created_at, i.event_id), reverse=True)
+    assert [i.event_id for i in got] == [i.event_id for i in expected]
+
+
+async def test_delete_author_rows_keeps_direct_and_others(runtime: Runtime, prefix: str) -> None:
+    store, user = runtime.store, f"{prefix}-u"
+    now = runtime.now_ms()
+    await store.write_inbox([user], item("gone", now - 1, "x1"), 3600)
+    await store.write_inbox([user], item("gone", now - 2, "x2"), 3600)
+    await store.write_inbox([user], item("gone", now - 3, "x3", direct=True), 3600)
+    await store.write_inbox([user], item("stays", now - 4, "y1"), 3600)
+    assert await store.delete_inbox_author(user, "gone") == 2
+    assert [i.event_id for i in await store.read_inbox(user, None, 10)] == ["x3", "y1"]
+
+
+async def test_trim_keeps_the_newest(runtime: Runtime, prefix: str) -> None:
+    store, user = runtime.store, f"{prefix}-u"
+    now = runtime.now_ms()
+    for i in range(25):
+        await store.write_inbox([user], item("a", now - i, f"e{i:02d}"), 3600)
+    await store.trim_inbox(user, 10)
+    rows = await store.read_inbox(user, None, 100)
+    assert [r.event_id for r in rows] == [f"e{i:02d}" for i in range(10)]
+    await store.trim_inbox(user, 10)  # nothing more to trim
+    assert len(await store.read_inbox(user, None, 100)) == 10
+
+
+async def test_follow_graph_counts_and_pages(runtime: Runtime, prefix: str) -> None:
+    store, author = runtime.store, f"{prefix}-star"
+    fans = [f"{prefix}-f{i:04d}" for i in range(2345)]
+    results = await asyncio.gather(*(store.follow(f, author) for f in fans))
+    assert all(results)
+    assert not await store.follow(fans[0], author)  # idempotent: counts change once
+    assert await store.counts(author) == (2345, 0)
+    assert await store.counts(fans[0]) == (0, 1)
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        page, after = await store.followers_page(author, after, 1000)
+        assert len(page) <= 1000
+        seen += page
+        if after is None:
+            break
+    assert sorted(seen) == fans
+    assert await store.unfollow(fans[0], author)
+    assert not await store.unfollow(fans[0], author)
+    assert await store.counts(author) == (2344, 0)
+    assert await store.following_subset(fans[1], [author, "nobody"]) == {author}
+    assert await store.following_subset(fans[0], [author]) == set()
+    following, more = await store.following_page(fans[1], None, 10)
+    assert (following, more) == ([author], None)
+
+
+async def test_author_events_span_buckets(runtime: Runtime, prefix: str) -> None:
+    store, author = runtime.store, f"{prefix}-a"
+    now = runtime.now_ms()
+    times = [now - d * DAY_MS - i for d in range(5) for i in range(3)]
+    for n, t in enumerate(times):
+        await store.put_author_event(item(author, t, f"e{n:02d}"), 3600)
+    since = now - 3 * DAY_MS - 10  # the oldest bucket's events fall outside
+    got = await store.author_events(author, None, 100, since)
+    assert [i.created_at for i in got] == sorted((t for t in times if t >= since), reverse=True)
+    middle = got[4]
+    older = await store.author_events(author, Position(middle.created_at, middle.event_id),
+                                      3, since)
+    assert older == got[5:8]
+
+
+async def test_pull_authors_and_modes(make_runtime: MakeRuntime, prefix: str) -> None:
+    rt = await make_runtime()
+    store = rt.store
+    await store.touch_pull_author(f"{prefix}-celeb", 3600)
+    assert f"{prefix}-celeb" in await store.pull_authors()
+    assert await store.get_mode(f"{prefix}-x") == "push"
+    await store.set_mode(f"{prefix}-x", "pull")
+    assert await store.get_mode(f"{prefix}-x") == "pull"
