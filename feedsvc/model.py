@@ -17,6 +17,7 @@ Mode = Literal["push", "pull"]
 PRIORITIES: tuple[Priority, ...] = ("high", "medium", "low")  # drain order
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_BULK_BODY_BYTES = 2 * 1024 * 1024  # 10,000 follows of 64-character ids fit
 MAX_PAYLOAD_BYTES = 4 * 1024
 MAX_AUDIENCE = 10_000
 MAX_BULK_FOLLOWS = 10_000

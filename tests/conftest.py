@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -24,6 +24,9 @@ from feedsvc.runtime import Runtime
 from feedsvc.store.cassandra import CassandraStore, connect_cluster
 from feedsvc.store.sqlite import SqliteStore
 from tests.servers import Endpoints, discover
+
+if TYPE_CHECKING:
+    from tests.apiclient import Api
 
 SERVICE_KEY = "test-service-key"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef-0123456789"
@@ -168,3 +171,19 @@ async def make_client() -> AsyncIterator[MakeClient]:
 @pytest.fixture
 def service_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {SERVICE_KEY}"}
+
+
+MakeApi = Callable[..., Awaitable["Api"]]
+
+
+@pytest.fixture
+async def make_api(make_runtime: MakeRuntime, make_client: MakeClient, prefix: str) -> MakeApi:
+    """Factory: ``await make_api(celebrity_threshold=5)`` -> an API client on this test's
+    backend (workers are not running: tests call ``api.drain()``)."""
+    from tests.apiclient import Api
+
+    async def factory(**overrides: Any) -> Api:
+        rt = await make_runtime(**overrides)
+        return Api(await make_client(rt), rt, prefix)
+
+    return factory

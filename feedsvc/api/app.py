@@ -19,7 +19,7 @@ from aiohttp import web
 from feedsvc.auth import Principal, authenticate
 from feedsvc.config import Settings
 from feedsvc.errors import ClientError, RetryableError
-from feedsvc.model import MAX_BODY_BYTES
+from feedsvc.model import MAX_BULK_BODY_BYTES
 from feedsvc.runtime import Runtime, open_runtime
 from feedsvc.workers import run_workers
 
@@ -30,7 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME = web.AppKey("runtime", Runtime)
 ACCESS = web.AppKey("access", dict)
-PRINCIPAL = "principal"
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 class ErrorBody(msgspec.Struct):
@@ -76,9 +76,6 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except ClientError as exc:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return error_response(exc.status, exc.code, exc.message, exc.field, headers)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, "payload_too_large",
-                              f"request body is larger than {MAX_BODY_BYTES} bytes")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -91,8 +88,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def principal_of(request: web.Request) -> Principal:
-    principal: Principal = request[PRINCIPAL]
-    return principal
+    return request[PRINCIPAL]
 
 
 def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
@@ -100,7 +96,7 @@ def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
     fan-out consumers inside this process (``feedsvc serve``)."""
     from feedsvc.api import routes
 
-    app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BULK_BODY_BYTES)
     app[RUNTIME] = rt
     app[ACCESS] = {}
     for method, path, handler, access in routes.ROUTES:

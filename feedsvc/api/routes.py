@@ -19,6 +19,7 @@ from feedsvc.api.openapi import spec
 from feedsvc.errors import Forbidden, InvalidRequest, PayloadTooLarge, RetryableError, Unprocessable
 from feedsvc.model import (
     MAX_BODY_BYTES,
+    MAX_BULK_BODY_BYTES,
     MAX_BULK_FOLLOWS,
     IdPageOut,
     InboxEntryOut,
@@ -71,10 +72,23 @@ def _unopaque(request: web.Request) -> str | None:
 # --- events ----------------------------------------------------------------------------
 
 
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (by its
+    Content-Length, or while reading a chunked body) without reading the rest."""
+    too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks, size = [], 0
+    while chunk := await request.content.read(65_536):
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def post_event(request: web.Request) -> web.Response:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
-    raw = await request.read()
+    raw = await read_body(request, MAX_BODY_BYTES)
     status, body = await intake.accept(request.app[RUNTIME], raw)
     return json_response(body, status)
 
@@ -160,9 +174,7 @@ class BulkOut(msgspec.Struct):
 
 
 async def post_bulk(request: web.Request) -> web.Response:
-    if request.content_length is not None and request.content_length > 2 * 1024 * 1024:
-        raise PayloadTooLarge("bulk body is larger than 2 MiB")
-    raw = await request.read()
+    raw = await read_body(request, MAX_BULK_BODY_BYTES)
     try:
         body = msgspec.json.decode(raw, type=BulkIn)
     except msgspec.ValidationError as exc:
