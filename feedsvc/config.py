@@ -98,6 +98,8 @@ _VARS: tuple[_Var, ...] = (
     _Var("replication", "FEEDSVC_REPLICATION", _replication,
          "keyspace replication for migrate (default SimpleStrategy:1)"),
     _Var("redis_url", "FEEDSVC_REDIS_URL", str, "Redis URL; unset means the in-process queue"),
+    _Var("queue_prefix", "FEEDSVC_QUEUE_PREFIX", _keyspace,
+         "prefix of every Redis key feedsvc uses (default feedsvc)"),
     _Var("data_dir", "FEEDSVC_DATA_DIR", Path, "embedded backend directory (default ./data)"),
     _Var("host", "FEEDSVC_HOST", str, "listen address (default 127.0.0.1)"),
     _Var("port", "FEEDSVC_PORT", _port, "listen port (default 8080)"),
@@ -127,6 +129,7 @@ class Settings:
     keyspace: str = "feedsvc"
     replication: str = "SimpleStrategy:1"
     redis_url: str | None = None
+    queue_prefix: str = "feedsvc"
     data_dir: Path = field(default_factory=lambda: Path("data"))
     host: str = "127.0.0.1"
     port: int = 8080

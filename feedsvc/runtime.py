@@ -43,7 +43,7 @@ async def open_store(settings: Settings) -> Store:
     )
 
 
-async def open_queue(settings: Settings, prefix: str = "feedsvc") -> Queue:
+async def open_queue(settings: Settings) -> Queue:
     if settings.embedded:
         from feedsvc.queue.embedded import EmbeddedQueue
 
@@ -55,17 +55,17 @@ async def open_queue(settings: Settings, prefix: str = "feedsvc") -> Queue:
 
     assert settings.redis_url is not None
     return await RedisQueue.open(
-        settings.redis_url, prefix=prefix,
+        settings.redis_url, prefix=settings.queue_prefix,
         claim_idle=settings.claim_idle, low_max_age=settings.low_max_age,
     )
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings, prefix: str = "feedsvc") -> AsyncIterator[Runtime]:
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     settings.check_backend()
     store = await open_store(settings)
     try:
-        queue = await open_queue(settings, prefix)
+        queue = await open_queue(settings)
         try:
             yield Runtime(settings, store, queue)
         finally:

@@ -13,7 +13,7 @@ two shell-sourceable lines on stdout (FEEDSVC_CASSANDRA_HOSTS=..., FEEDSVC_REDIS
 progress message goes to stderr, so ``eval "$(... start)"`` or ``... start > .env`` work.
 
 Both servers listen on 127.0.0.1 only. Redis is Debian's ``redis-server``; Cassandra is the
-``cassandra-all`` jar and its dependencies from Maven Central (see scripts/cassandra/pom.xml)
+``cassandra-all`` jar and its dependencies from Maven Central (see scripts/cassandra-pom/pom.xml)
 run with ``java -cp 'lib/*' org.apache.cassandra.service.CassandraDaemon``. See
 docs/local-servers.md for ports, directories and environment overrides.
 
@@ -46,7 +46,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SCRIPT_DIR.parent
-CASSANDRA_POM = SCRIPT_DIR / "cassandra" / "pom.xml"
+CASSANDRA_POM = SCRIPT_DIR / "cassandra-pom" / "pom.xml"
 
 LOOPBACK = "127.0.0.1"
 SERVER_NAMES = ("redis", "cassandra")
@@ -608,7 +608,7 @@ class RedisServer(Server):
 
 
 def cassandra_version() -> str:
-    """The version pinned in scripts/cassandra/pom.xml (the only place it is written)."""
+    """The version pinned in scripts/cassandra-pom/pom.xml (the only place it is written)."""
     try:
         root = ElementTree.parse(CASSANDRA_POM).getroot()
     except (OSError, ElementTree.ParseError) as exc:

@@ -123,10 +123,10 @@ async def make_runtime(
         else:
             settings = base_settings(
                 cassandra_hosts=endpoints.cassandra_hosts, redis_url=endpoints.redis_url,
-                keyspace=cassandra.keyspace, **overrides)
+                keyspace=cassandra.keyspace, queue_prefix=prefix, **overrides)
             store = cassandra_store
             queue = await RedisQueue.open(
-                endpoints.redis_url, prefix=prefix, claim_idle=settings.claim_idle,
+                endpoints.redis_url, prefix=settings.queue_prefix, claim_idle=settings.claim_idle,
                 low_max_age=settings.low_max_age)
             opened.append(queue.close)
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close

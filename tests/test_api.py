@@ -438,7 +438,8 @@ async def test_openapi_lists_exactly_the_routes(make_api: MakeApi) -> None:
     assert spec["openapi"].startswith("3.1")
     documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
     served = set()
-    for resource in api.client.app.router.resources():  # type: ignore[union-attr]
+    assert api.client.app is not None
+    for resource in api.client.app.router.resources():
         info = resource.get_info()
         path = info.get("formatter") or info.get("path")
         for route in resource:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 import yaml
@@ -42,7 +43,7 @@ async def test_redis_stream_group_round_trip(redis_client: aioredis.Redis, prefi
     stream = f"{prefix}:probe"
     await redis_client.xgroup_create(stream, "g", id="0", mkstream=True)
     entry = await redis_client.xadd(stream, {"k": "v"})
-    reply = await redis_client.xreadgroup("g", "c1", {stream: ">"}, count=10)
+    reply: Any = await redis_client.xreadgroup("g", "c1", {stream: ">"}, count=10)
     assert reply[0][1][0][0] == entry
     assert (await redis_client.xpending(stream, "g"))["pending"] == 1
     assert await redis_client.xack(stream, "g", entry) == 1

@@ -1,0 +1,106 @@
+"""Crash safety with a real process kill: a worker SIGKILLed in the middle of a
+5,000-follower fan-out, then a new worker, leave exactly one inbox row per follower."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from feedsvc import intake
+from feedsvc.config import Settings
+from feedsvc.model import FOLLOWER_PAGE
+from feedsvc.runtime import Runtime
+from feedsvc.seed import write_graph
+from tests.conftest import MakeRuntime
+
+FOLLOWERS = 5_000
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDSVC_")}
+    env.update({
+        "FEEDSVC_DATA_DIR": str(settings.data_dir),
+        "FEEDSVC_KEYSPACE": settings.keyspace,
+        "FEEDSVC_QUEUE_PREFIX": settings.queue_prefix,
+        "FEEDSVC_CLAIM_IDLE": str(settings.claim_idle),
+        "FEEDSVC_CELEBRITY_THRESHOLD": str(settings.celebrity_threshold),
+        # Few writes in flight, so the kill lands mid fan-out.
+        "FEEDSVC_FANOUT_CONCURRENCY": "2",
+    })
+    if not settings.embedded:
+        env["FEEDSVC_CASSANDRA_HOSTS"] = ",".join(settings.cassandra_hosts)
+        env["FEEDSVC_REDIS_URL"] = settings.redis_url or ""
+    return env
+
+
+def start_worker(settings: Settings, log: IO[bytes], *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "feedsvc.cli", "--log-level", "WARNING", "worker",
+         "--concurrency", "1", *extra],
+        env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+async def count_rows(rt: Runtime, users: list[str], event_id: str) -> list[int]:
+    limit = asyncio.Semaphore(64)
+
+    async def one(user: str) -> int:
+        async with limit:
+            rows = await rt.store.read_inbox(user, None, 100)
+        return sum(r.event_id == event_id for r in rows)
+
+    return list(await asyncio.gather(*(one(u) for u in users)))
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_fanout_then_restart(
+    make_runtime: MakeRuntime, prefix: str, tmp_path: Path
+) -> None:
+    rt = await make_runtime(celebrity_threshold=10_000, claim_idle=1.0)
+    author = f"{prefix}-author"
+    fans = [f"{prefix}-f{i:05d}" for i in range(FOLLOWERS)]
+    await write_graph(rt, iter([(f, author) for f in fans]), progress=False)
+    status, accepted = await intake.accept(rt, json.dumps({
+        "event_id": f"{prefix}-big", "author_id": author, "kind": "post", "payload": {"n": 1},
+    }).encode())
+    assert (status, accepted.route) == (202, "push")
+    event_id = accepted.event_id
+    first_page, _ = await rt.store.followers_page(author, None, FOLLOWER_PAGE)
+    probe = first_page[:: len(first_page) // 20][:20]
+
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = start_worker(rt.settings, log)
+        try:
+            deadline = time.monotonic() + 120
+            while sum(await count_rows(rt, probe, event_id)) == 0:
+                assert worker.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "the worker never started writing"
+                await asyncio.sleep(0.02)
+            worker.send_signal(signal.SIGKILL)
+        finally:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == -signal.SIGKILL
+    partial = await count_rows(rt, fans, event_id)
+    assert 0 < sum(partial) < FOLLOWERS, "the kill did not land mid fan-out"
+    assert (await rt.queue.stats()).depth["medium"] == 1  # still pending, not lost
+
+    await asyncio.sleep(rt.settings.claim_idle + 0.5)  # the dead consumer's entry goes idle
+    with log_path.open("ab") as log:
+        survivor = start_worker(rt.settings, log, "--burst")
+        await asyncio.to_thread(survivor.wait, timeout=240)
+    assert survivor.returncode == 0, log_path.read_text()
+
+    assert await count_rows(rt, fans, event_id) == [1] * FOLLOWERS
+    assert await count_rows(rt, [author], event_id) == [1]
+    assert (await rt.queue.stats()).depth == {"high": 0, "medium": 0, "low": 0}
