@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -51,12 +51,21 @@ def valid_id(value: str) -> bool:
     return bool(_ID.fullmatch(value))
 
 
-def parse_body(raw: bytes) -> tuple[EventIn, str]:
-    """Decode and type-check the body; returns the event and the hash of its JSON value."""
+def decode_json(raw: bytes, into: Any = Any) -> Any:
+    """Decode a request body; malformed or absurdly nested JSON is a 400."""
     try:
-        value = msgspec.json.decode(raw)
+        return msgspec.json.decode(raw, type=into)
+    except msgspec.ValidationError:
+        raise
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("body is nested too deeply", code="invalid_json") from exc
+
+
+def parse_body(raw: bytes) -> tuple[EventIn, str]:
+    """Decode and type-check the body; returns the event and the hash of its JSON value."""
+    value = decode_json(raw)
     if not isinstance(value, dict):
         raise InvalidRequest("body must be a JSON object", code="invalid_json")
     try:

@@ -54,10 +54,16 @@ def encode_cursor(cursor: Cursor) -> str:
 def decode_cursor(text: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        return _cursor_decoder.decode(raw)
+        cursor = _cursor_decoder.decode(raw)
     except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
         raise InvalidRequest("cursor is not one this API returned", code="invalid_cursor",
                              field="cursor") from exc
+    if not (0 <= cursor.created_at < 2**53 and len(cursor.event_id) <= 128
+            and len(cursor.objects) <= MAX_CURSOR_OBJECTS
+            and all(0 <= h < 2**64 for h in cursor.objects)):
+        raise InvalidRequest("cursor is not one this API returned", code="invalid_cursor",
+                             field="cursor")
+    return cursor
 
 
 def object_hash(object_id: str) -> int:

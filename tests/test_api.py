@@ -453,3 +453,45 @@ async def test_bad_path_ids_are_4xx(make_api: MakeApi, path: str) -> None:
     api = await make_api()
     response = await api.client.get(path, headers=api.service)
     assert 400 <= response.status < 500
+
+
+async def test_hostile_inputs_are_4xx_never_5xx(make_api: MakeApi) -> None:
+    api = await make_api()
+    c, user = api.client, api.user("reader")
+    nested = b'{"event_id": "n", "author_id": "a", "kind": "k", "payload": ' + \
+        b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}"
+    for raw in (nested, b"[" * 5000 + b"]" * 5000, b'"\\ud800"', b"\xff\xfe"):
+        response = await c.post("/v1/events", data=raw, headers=api.service)
+        assert response.status == 400, raw[:40]
+        response = await c.post("/v1/follows/bulk", data=raw, headers=api.service)
+        assert 400 <= response.status < 500
+    from feedsvc.timeline import Cursor, encode_cursor
+    hostile = [Cursor(2**62, "x"), Cursor(10**15, "x" * 500), Cursor(1, "x", (2**64 - 1,) * 101)]
+    for cursor in hostile:
+        for path in ("/v1/inbox", f"/v1/users/{user}/events"):
+            response = await c.get(path, params={"cursor": encode_cursor(cursor)},
+                                   headers=api.token(user))
+            assert response.status == 400, (path, cursor)
+    far = encode_cursor(Cursor(2**52, "x"))  # far in the future but in range: just a page
+    response = await c.get("/v1/inbox", params={"cursor": far}, headers=api.token(user))
+    assert response.status == 200
+    for limit in ("²", "٣", "-1", "1e3", " 5"):
+        response = await c.get("/v1/inbox", params={"limit": limit}, headers=api.token(user))
+        assert response.status == 400, limit
+    response = await c.get("/v1/inbox", headers={"Authorization": "Bearer \u00e9\u00e9"})
+    assert response.status == 401
+
+
+@pytest.mark.parametrize("make_runtime", ["cassandra"], indirect=True)
+async def test_cassandra_rows_carry_the_retention_ttl(make_api: MakeApi) -> None:
+    api = await make_api(inbox_ttl_days=2)
+    author, fan = api.user("author"), api.user("fan")
+    await api.follow(fan, author)
+    await api.post_ok(author, created_at=api.rt.now_ms() - 86_400_000)  # one day left
+    await api.drain()
+    store: Any = api.rt.store
+    ks = api.rt.settings.keyspace
+    row = (await asyncio.to_thread(
+        store.session.execute,
+        f"SELECT TTL(item) AS ttl FROM {ks}.inbox_by_user WHERE user_id = %s", (fan,))).one()
+    assert 86_400 - 120 < row.ttl <= 86_400

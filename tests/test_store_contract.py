@@ -129,3 +129,15 @@ async def test_pull_authors_and_modes(make_runtime: MakeRuntime, prefix: str) ->
     assert await store.get_mode(f"{prefix}-x") == "push"
     await store.set_mode(f"{prefix}-x", "pull")
     assert await store.get_mode(f"{prefix}-x") == "pull"
+
+
+async def test_rows_expire(runtime: Runtime, prefix: str) -> None:
+    store, user = runtime.store, f"{prefix}-u"
+    now = runtime.now_ms()
+    await store.write_inbox([user], item("a", now, "short"), 1)
+    await store.write_inbox([user], item("a", now - 1, "long"), 3600)
+    await store.put_author_event(item(f"{prefix}-a", now, "short"), 1)
+    assert len(await store.read_inbox(user, None, 10)) == 2
+    await asyncio.sleep(2.2)
+    assert [i.event_id for i in await store.read_inbox(user, None, 10)] == ["long"]
+    assert await store.author_events(f"{prefix}-a", None, 10, 0) == []

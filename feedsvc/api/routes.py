@@ -39,7 +39,7 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         raise InvalidRequest(f"limit must be an integer from 1 to {maximum}",
                              code="invalid_query", field="limit")
     return int(raw)
@@ -176,11 +176,9 @@ class BulkOut(msgspec.Struct):
 async def post_bulk(request: web.Request) -> web.Response:
     raw = await read_body(request, MAX_BULK_BODY_BYTES)
     try:
-        body = msgspec.json.decode(raw, type=BulkIn)
+        body: BulkIn = intake.decode_json(raw, BulkIn)
     except msgspec.ValidationError as exc:
         raise Unprocessable(str(exc), code="invalid_field", field="follows") from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from exc
     if len(body.follows) > MAX_BULK_FOLLOWS:
         raise Unprocessable(f"at most {MAX_BULK_FOLLOWS} follows per request",
                             code="too_many", field="follows")

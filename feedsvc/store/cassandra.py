@@ -243,9 +243,9 @@ class CassandraStore:
         oldest = bucket_of(since_ms)
         # Without a cursor start at the newest bucket that can hold data (intake accepts a
         # little clock skew into the future).
-        newest = bucket_of(
-            before.created_at if before is not None else _now_ms() + MAX_FUTURE_MS
-        )
+        newest = bucket_of(_now_ms() + MAX_FUTURE_MS)
+        if before is not None:
+            newest = min(newest, bucket_of(before.created_at))
         if newest < oldest:
             return []
         buckets = list(range(newest, oldest - 1, -1))
