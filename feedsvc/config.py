@@ -142,12 +142,16 @@ class Settings:
     claim_idle: float = 60.0
     max_pull_authors: int = 100
     fanout_concurrency: int = 256
-    # Probability denominator for inbox trimming: one write in N checks the cap.
-    inbox_trim_every: int = 32
+    # One inbox write in N checks the cap (0: inbox_max // 8).
+    inbox_trim_every: int = 0
 
     @property
     def embedded(self) -> bool:
         return not self.cassandra_hosts
+
+    @property
+    def trim_every(self) -> int:
+        return self.inbox_trim_every or max(1, self.inbox_max // 8)
 
     @property
     def retention_ms(self) -> int:

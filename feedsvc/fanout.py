@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
+import random
 from collections.abc import Sequence
 
 from feedsvc.model import (
@@ -33,6 +33,8 @@ from feedsvc.model import (
 from feedsvc.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+PAGES_IN_FLIGHT = 4  # follower pages being written at once, per event
 
 
 async def handle(rt: Runtime, envelope: Envelope) -> None:
@@ -60,7 +62,7 @@ async def fan_out(rt: Runtime, event: Event) -> int:
 
 async def _write(rt: Runtime, users: Sequence[str], item: InboxItem, ttl: int) -> None:
     await rt.store.write_inbox(users, item, ttl)
-    await _maybe_trim(rt, users, item.event_id)
+    await _maybe_trim(rt, users)
 
 
 async def deliver_direct(rt: Runtime, item: InboxItem, audience: Sequence[str],
@@ -77,33 +79,45 @@ async def deliver_pull(rt: Runtime, item: InboxItem, ttl: int) -> int:
 
 
 async def deliver_push(rt: Runtime, item: InboxItem, ttl: int) -> int:
-    written = 1
+    """The author's own inbox, then every follower, a page of 1,000 at a time; up to
+    ``PAGES_IN_FLIGHT`` pages are written while the next page of followers is read."""
     await _write(rt, [item.author_id], item, ttl)
-    after: str | None = None
-    page, after = await rt.store.followers_page(item.author_id, None, FOLLOWER_PAGE)
-    while True:
-        # Fetch the next page of followers while this one is written.
-        next_page = (
-            asyncio.ensure_future(rt.store.followers_page(item.author_id, after, FOLLOWER_PAGE))
-            if after is not None else None
-        )
+    written = 1
+    room = asyncio.Semaphore(PAGES_IN_FLIGHT)
+    writes: list[asyncio.Future[None]] = []
+
+    async def write_page(page: list[str]) -> None:
         try:
             await _write(rt, page, item, ttl)
-        except BaseException:
-            if next_page is not None:
-                next_page.cancel()
-            raise
-        written += len(page)
-        if next_page is None:
-            return written
-        page, after = await next_page
+        finally:
+            room.release()
+
+    try:
+        after: str | None = None
+        while True:
+            await room.acquire()
+            for done in (w for w in writes if w.done()):
+                done.result()  # surface a failed page now, not after the last one
+            page, after = await rt.store.followers_page(item.author_id, after, FOLLOWER_PAGE)
+            writes.append(asyncio.ensure_future(write_page(page)))
+            written += len(page)
+            if after is None:
+                break
+        await asyncio.gather(*writes)
+    except BaseException:
+        for w in writes:
+            w.cancel()
+        await asyncio.gather(*writes, return_exceptions=True)
+        raise
+    return written
 
 
-async def _maybe_trim(rt: Runtime, users: Sequence[str], event_id: str) -> None:
-    """Keep inboxes at ``inbox_max`` rows: one write in ``inbox_trim_every`` checks the
-    cap (chosen by a hash, so a redone task trims the same inboxes)."""
-    every = rt.settings.inbox_trim_every
-    chosen = [u for u in users if zlib.crc32(f"{u}/{event_id}".encode()) % every == 0]
+async def _maybe_trim(rt: Runtime, users: Sequence[str]) -> None:
+    """Keep inboxes near ``inbox_max`` rows: a random one write in ``trim_every`` checks
+    the cap, so an inbox holds at most about ``inbox_max + trim_every`` rows between trims
+    while the cost stays a few key reads per row written."""
+    chance = 1.0 / rt.settings.trim_every
+    chosen = [u for u in users if random.random() < chance]
     if chosen:
         await asyncio.gather(*(rt.store.trim_inbox(u, rt.settings.inbox_max) for u in chosen))
 

@@ -9,6 +9,7 @@ Fan-out writes are independent upserts, many in flight under a semaphore.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import zlib
 from collections.abc import Sequence
@@ -25,12 +26,16 @@ from cassandra.cluster import (
     Session,
 )
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement
+from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
 from feedsvc.errors import RetryableError
 from feedsvc.model import MAX_FUTURE_MS, Event, InboxItem, Mode, Position
 
 FOLLOWER_SHARDS = 16  # partitions per author in followers_by_author
+# Inbox rows per unlogged batch: bounded by count and by bytes, well under Cassandra's
+# default batch_size_fail_threshold (50 KiB).
+BATCH_ROWS = 64
+BATCH_BYTES = 40_000
 BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
 _PULL_SHARD = 0
 
@@ -38,6 +43,17 @@ _item_encoder = msgspec.msgpack.Encoder()
 _item_decoder = msgspec.msgpack.Decoder(InboxItem)
 _event_decoder = msgspec.msgpack.Decoder(Event)
 _DRIVER_ERRORS = (DriverException, RequestExecutionException, OperationTimedOut, NoHostAvailable)
+
+
+class _QuietBatchWarnings(logging.Filter):
+    """Replica-grouped unlogged batches are deliberate here: drop the server's
+    per-request warnings about them (a log line per batch would drown real warnings)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("Unlogged batch covering" in text or "is of size" in text)
+
+
 
 
 def follower_shard(follower_id: str) -> int:
@@ -131,6 +147,9 @@ class CassandraStore:
             raise RetryableError(f"cannot reach Cassandra at {','.join(hosts)}: {exc}") from exc
         store = cls(cluster, session, keyspace, concurrency)
         await asyncio.to_thread(store._prepare_all)
+        quiet = logging.getLogger("cassandra.protocol")
+        if not any(isinstance(f, _QuietBatchWarnings) for f in quiet.filters):
+            quiet.addFilter(_QuietBatchWarnings())
         return store
 
     def _prepare_all(self) -> None:
@@ -268,17 +287,43 @@ class CassandraStore:
     # --- inboxes -----------------------------------------------------------------------
 
     async def write_inbox(self, user_ids: Sequence[str], item: InboxItem, ttl_s: int) -> None:
+        """One row per user, sent as unlogged batches of rows that share their replicas (so
+        the coordinator a batch is routed to owns every row in it), several in flight."""
         blob = _item_encoder.encode(item)
         ps = self._ps["write_inbox"]
+        per_batch = max(1, min(BATCH_ROWS, BATCH_BYTES // (len(blob) + 64)))
+        if not user_ids:
+            return
+        # Serialize the values every row shares once; only the user id differs per row.
+        template = ps.bind((user_ids[0], item.created_at, item.event_id, item.author_id,
+                            item.direct, blob, ttl_s))
+        shared = template.values[1:]
+        batches = []
+        for group in self._by_replicas(user_ids).values():
+            for start in range(0, len(group), per_batch):
+                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+                for user_id in group[start:start + per_batch]:
+                    row = BoundStatement(ps)
+                    row.values = [user_id.encode(), *shared]
+                    batch.add(row)
+                batches.append(batch)
+        await asyncio.gather(*(self._send(b) for b in batches))
 
-        async def one(user_id: str) -> None:
-            async with self._limit:
-                await _wait(self.session.execute_async(
-                    ps, (user_id, item.created_at, item.event_id, item.author_id, item.direct,
-                         blob, ttl_s),
-                ))
+    async def _send(self, statement: BatchStatement) -> None:
+        async with self._limit:
+            await _wait(self.session.execute_async(statement))
 
-        await asyncio.gather(*(one(u) for u in user_ids))
+    def _by_replicas(self, user_ids: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
+        """Group partition keys by the replica set that owns them."""
+        metadata = self.cluster.metadata
+        if len(metadata.all_hosts()) == 1:
+            return {(): list(user_ids)}
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for user_id in user_ids:
+            replicas = metadata.get_replicas(self.keyspace, user_id.encode())
+            key = tuple(sorted(str(h.endpoint) for h in replicas))
+            groups.setdefault(key, []).append(user_id)
+        return groups
 
     async def read_inbox(
         self, user_id: str, before: Position | None, limit: int

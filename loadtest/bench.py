@@ -1,0 +1,504 @@
+"""The benchmark harness: ``python -m loadtest.bench [--quick]`` (``make bench``,
+``make bench-quick``).
+
+Every figure is measured in the same run as this machine's ceilings (``loadtest.ceilings``)
+and printed as a ratio to them, so the ratios hold on any machine:
+
+1. ceilings: raw Cassandra insert rate (best driver pattern), Redis XADD / SET NX, a no-op
+   aiohttp handler under the same HTTP load generator;
+2. fan-out throughput end to end (events posted over HTTP, 1, 2 and 4 worker processes);
+3. delivery latency: 202 of ``POST /v1/events`` -> the event readable in the inbox of the
+   last follower, for authors with 10, 1,000 and 9,999 followers, idle and under load;
+4. strategies on the same graph and events: hybrid, pure push, pure pull;
+5. locust, the mixed workload (``loadtest/locustfile.py``), on a power-law graph.
+
+Results go to ``loadtest/results/`` (JSON, markdown, PNG charts). Needs Cassandra and Redis
+(``FEEDSVC_CASSANDRA_HOSTS``, ``FEEDSVC_REDIS_URL``; ``make bench`` starts local ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from feedsvc import fanout, intake
+from feedsvc.auth import issue_token
+from feedsvc.config import Settings
+from feedsvc.migrate import migrate
+from feedsvc.model import FOLLOWER_PAGE
+from feedsvc.runtime import Runtime, open_runtime
+from feedsvc.seed import follow_pairs
+from feedsvc.store.cassandra import CassandraStore, connect_cluster
+from loadtest import ceilings
+from loadtest.graphload import load_edges
+from loadtest.httpload import RequestPlan, run_load_in_process
+from loadtest.report import write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE_KEY = "bench-service-key"
+JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123456789"
+THRESHOLD = 10_000
+PAYLOAD = {"text": "x" * 100}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Env:
+    """Where the servers are and how feedsvc processes of this run are configured."""
+
+    def __init__(self, hosts: tuple[str, ...], redis_url: str) -> None:
+        self.hosts, self.redis_url = hosts, redis_url
+
+    def settings(self, keyspace: str, prefix: str, threshold: int = THRESHOLD) -> Settings:
+        return Settings(cassandra_hosts=self.hosts, redis_url=self.redis_url, keyspace=keyspace,
+                        queue_prefix=prefix, celebrity_threshold=threshold,
+                        service_keys=(SERVICE_KEY,), jwt_secret=JWT_SECRET)
+
+    def process_env(self, settings: Settings, port: int | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDSVC_")}
+        env.update({
+            "FEEDSVC_CASSANDRA_HOSTS": ",".join(self.hosts), "FEEDSVC_REDIS_URL": self.redis_url,
+            "FEEDSVC_KEYSPACE": settings.keyspace, "FEEDSVC_QUEUE_PREFIX": settings.queue_prefix,
+            "FEEDSVC_CELEBRITY_THRESHOLD": str(settings.celebrity_threshold),
+            "FEEDSVC_SERVICE_KEYS": SERVICE_KEY, "FEEDSVC_JWT_SECRET": JWT_SECRET,
+        })
+        if port is not None:
+            env["FEEDSVC_PORT"] = str(port)
+        return env
+
+
+@contextmanager
+def processes(commands: Sequence[tuple[list[str], dict[str, str]]]) -> Iterator[None]:
+    """Run feedsvc processes for the duration of the block; always stopped after."""
+    running = [subprocess.Popen([sys.executable, "-m", "feedsvc.cli", "--log-level", "WARNING",
+                                 *cmd], env=env, stdout=subprocess.DEVNULL)
+               for cmd, env in commands]
+    try:
+        yield
+    finally:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def wait_http(url: str, within_s: float = 60.0) -> None:
+    deadline = time.monotonic() + within_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer")
+            await asyncio.sleep(0.2)
+
+
+async def fresh_keyspace(env: Env, keyspace: str) -> None:
+    cluster, session = await asyncio.to_thread(connect_cluster, env.hosts)
+    try:
+        await asyncio.to_thread(session.execute, f"DROP KEYSPACE IF EXISTS {keyspace}",
+                                timeout=180)
+        await asyncio.to_thread(migrate, session, keyspace)
+    finally:
+        await asyncio.to_thread(cluster.shutdown)
+
+
+async def queue_depth(rt: Runtime) -> int:
+    return sum((await rt.queue.stats()).depth.values())
+
+
+async def wait_drained(rt: Runtime, within_s: float = 900.0) -> None:
+    deadline = time.monotonic() + within_s
+    while await queue_depth(rt):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the queue did not drain")
+        await asyncio.sleep(0.02)
+
+
+async def post_events(url: str, bodies: Sequence[dict[str, Any]], concurrency: int = 8
+                      ) -> list[float]:
+    """POST the events; returns the time each 202 arrived (perf_counter)."""
+    headers = {"Authorization": f"Bearer {SERVICE_KEY}"}
+    stamps: list[float] = [0.0] * len(bodies)
+    queue = list(enumerate(bodies))
+
+    async def loop(session: aiohttp.ClientSession) -> None:
+        while queue:
+            i, body = queue.pop(0)
+            async with session.post(f"{url}/v1/events", json=body, headers=headers) as r:
+                if r.status != 202:
+                    raise RuntimeError(f"POST /v1/events: {r.status} {await r.text()}")
+                stamps[i] = time.perf_counter()
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(loop(session) for _ in range(concurrency)))
+    return stamps
+
+
+def event(author: str, tag: str, **extra: Any) -> dict[str, Any]:
+    return {"event_id": f"{tag}-{time.time_ns()}", "author_id": author, "kind": "post",
+            "payload": PAYLOAD, **extra}
+
+
+# --- graphs ------------------------------------------------------------------------------
+
+
+def fanout_graph(authors: int, followers: int) -> Iterator[tuple[str, str]]:
+    for a in range(authors):
+        for f in range(followers):
+            yield f"fp{f}", f"fa{a}"
+
+
+def latency_graph(sizes: Sequence[int]) -> Iterator[tuple[str, str]]:
+    for size in sizes:
+        for f in range(size):
+            yield f"lp{f}", f"la{size}"
+
+
+# --- 2. fan-out throughput ---------------------------------------------------------------
+
+
+async def bench_fanout(env: Env, rt: Runtime, workers: Sequence[int], events: int,
+                       authors: int, followers: int) -> list[dict[str, Any]]:
+    results = []
+    for count in workers:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        api = (["api"], env.process_env(rt.settings, port))
+        worker_cmds = [(["worker", "--concurrency", "4"], env.process_env(rt.settings))
+                       for _ in range(count)]
+        with processes([api, *worker_cmds]):
+            await wait_http(f"{url}/healthz")
+            await asyncio.sleep(1.0)  # workers connected
+            bodies = [event(f"fa{i % authors}", f"tp{count}-{i}") for i in range(events)]
+            started = time.perf_counter()
+            await post_events(url, bodies)
+            await wait_drained(rt)
+            seconds = time.perf_counter() - started
+        rows = events * (followers + 1)
+        results.append({"workers": count, "events": events, "rows": rows,
+                        "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds)})
+        log(f"fan-out, {count} worker process(es): {rows / seconds:,.0f} rows/s")
+    return results
+
+
+# --- 3. delivery latency -----------------------------------------------------------------
+
+
+async def last_followers(store: CassandraStore, author: str, sample: int = 8) -> list[str]:
+    """The followers fan-out writes last: the tail of the last page, in paging order."""
+    after: str | None = None
+    page: list[str] = []
+    while True:
+        batch, after = await store.followers_page(author, after, FOLLOWER_PAGE)
+        page = batch or page
+        if after is None:
+            return page[-sample:]
+
+
+async def visible_everywhere(store: CassandraStore, users: Sequence[str], event_id: str) -> bool:
+    inboxes = await asyncio.gather(*(store.read_inbox(u, None, 20) for u in users))
+    return all(any(i.event_id == event_id for i in rows) for rows in inboxes)
+
+
+async def bench_latency(rt: Runtime, url: str, sizes: Sequence[int], samples: int,
+                        label: str) -> list[dict[str, Any]]:
+    store = rt.store
+    assert isinstance(store, CassandraStore)
+    out = []
+    for size in sizes:
+        author = f"la{size}"
+        targets = await last_followers(store, author)
+        times = []
+        for n in range(samples):
+            body = event(author, f"lat-{label}-{size}-{n}")
+            (accepted,) = await post_events(url, [body], concurrency=1)
+            while True:
+                if await visible_everywhere(store, targets, body["event_id"]):
+                    break
+                await asyncio.sleep(0.002)
+            times.append((time.perf_counter() - accepted) * 1000)
+            await asyncio.sleep(0.05)
+        row = {"followers": size, "samples": samples,
+               "p50_ms": round(percentile(times, 50), 1),
+               "p99_ms": round(percentile(times, 99), 1),
+               "max_ms": round(max(times), 1)}
+        out.append(row)
+        log(f"latency {label}, {size} followers: p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms")
+    return out
+
+
+# --- 4. strategies -----------------------------------------------------------------------
+
+STRATEGIES = {"hybrid": THRESHOLD, "push": 10**9, "pull": 0}
+
+
+def strategy_graph(mega: int, celebrities: int, celebrity_followers: int, readers: int,
+                   normal_authors: int) -> Iterator[tuple[str, str]]:
+    for f in range(mega):
+        yield f"sm{f}", "mega"
+    for c in range(celebrities):
+        for f in range(celebrity_followers):
+            yield f"sc{f}", f"celeb{c}"
+    for group in (0, 3, 30):
+        for r in range(readers):
+            reader = f"r{group}-{r}"
+            for c in range(group):
+                yield reader, f"celeb{c}"
+            for n in range(20):
+                yield reader, f"na{(r + n) % normal_authors}"
+
+
+async def consume(rt: Runtime) -> int:
+    """Fan out everything queued, in this process; returns the inbox rows written."""
+    rows = 0
+    while (delivery := await rt.queue.claim("bench", 0.05)) is not None:
+        task = delivery.envelope.task
+        if isinstance(task, fanout.FanoutTask):
+            rows += await fanout.fan_out(rt, task.event)
+        else:
+            await fanout.handle(rt, delivery.envelope)
+        await rt.queue.ack(delivery)
+    return rows
+
+
+async def bench_strategies(env: Env, quick: bool) -> list[dict[str, Any]]:
+    mega = 100_000 if quick else 1_000_000
+    celebrities, celeb_followers = 30, THRESHOLD
+    readers, normal_authors = (20, 100) if quick else (50, 400)
+    posts_per_author = 2 if quick else 3
+    read_s = 4.0 if quick else 10.0
+    results = []
+    for name, threshold in STRATEGIES.items():
+        keyspace = f"feedsvc_bench_{name}"
+        await fresh_keyspace(env, keyspace)
+        settings = env.settings(keyspace, f"bench-{name}", threshold)
+        async with open_runtime(settings) as rt:
+            assert isinstance(rt.store, CassandraStore)
+            await rt.queue.redis.delete(*(f"bench-{name}:q:{p}" for p in ("high", "medium", "low")))
+            edges = await load_edges(rt.store, strategy_graph(
+                mega, celebrities, celeb_followers, readers, normal_authors), threshold)
+            log(f"strategy {name}: graph of {edges:,} edges loaded")
+            posted = 0
+            rows = 0
+            for rnd in range(posts_per_author):
+                for author in [f"celeb{c}" for c in range(celebrities)] + \
+                        [f"na{n}" for n in range(normal_authors)]:
+                    await intake.accept(rt, msgspec.json.encode(event(author, f"s{rnd}")))
+                    posted += 1
+                rows += await consume(rt)
+            await intake.accept(rt, msgspec.json.encode(event("mega", "mega")))
+            started = time.perf_counter()
+            mega_rows = await consume(rt)
+            mega_s = time.perf_counter() - started
+            posted += 1
+            rows += mega_rows
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            reads = []
+            with processes([(["api"], env.process_env(settings, port))]):
+                await wait_http(f"{url}/healthz")
+                for group in (0, 3, 30):
+                    tokens = [issue_token(JWT_SECRET, f"r{group}-{r}", 3600)
+                              for r in range(readers)]
+                    plan = RequestPlan([
+                        ("GET", f"{url}/v1/inbox?limit=50", {"Authorization": f"Bearer {t}"},
+                         None) for t in tokens])
+                    result = await asyncio.to_thread(
+                        run_load_in_process, plan, connections=16, duration_s=read_s)
+                    reads.append({"celebrities": group, "rps": round(result.rps),
+                                  "p50_ms": round(result.p50_ms, 2),
+                                  "p99_ms": round(result.p99_ms, 2), "errors": result.errors})
+        row = {"strategy": name, "threshold": threshold, "events": posted,
+               "rows_per_event": round(rows / posted, 1), "mega_followers": mega,
+               "mega_rows": mega_rows, "mega_fanout_s": round(mega_s, 3), "reads": reads}
+        results.append(row)
+        log(f"strategy {name}: {row['rows_per_event']} rows/event, "
+            f"{mega:,}-follower post in {mega_s:.2f}s, reads {reads}")
+    return results
+
+
+# --- 5. locust ---------------------------------------------------------------------------
+
+
+def run_locust(url: str, out: Path, users: int, graph_users: int, duration_s: int
+               ) -> dict[str, Any]:
+    prefix = out / "locust"
+    env = dict(os.environ, FEEDSVC_LOAD_USERS=str(graph_users), FEEDSVC_SERVICE_KEY=SERVICE_KEY,
+               FEEDSVC_JWT_SECRET=JWT_SECRET)
+    subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+         "--headless", "-u", str(users), "-r", str(max(1, users // 4)), "-t", f"{duration_s}s",
+         "--host", url, "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
+         "--stop-timeout", "5"],
+        env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        timeout=duration_s + 120,
+    )
+    return parse_locust(prefix.with_name("locust_stats.csv"), duration_s, users)
+
+
+def parse_locust(path: Path, duration_s: int, users: int) -> dict[str, Any]:
+    import csv
+
+    endpoints = []
+    total: dict[str, Any] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            entry = {"name": row["Name"], "requests": int(row["Request Count"]),
+                     "failures": int(row["Failure Count"]),
+                     "rps": round(float(row["Requests/s"]), 1),
+                     "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]),
+                     "p99_ms": float(row["99%"])}
+            if row["Name"] == "Aggregated":
+                total = entry
+            else:
+                endpoints.append(entry)
+    return {"users": users, "duration_s": duration_s, "endpoints": endpoints, "total": total}
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+async def run(env: Env, quick: bool, out: Path, skip_locust: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    result: dict[str, Any] = {"quick": quick, "machine": machine(),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    keyspace = "feedsvc_bench"
+    await fresh_keyspace(env, keyspace)
+
+    log("ceilings")
+    cassandra_rows = 100_000 if quick else 300_000
+    result["ceilings"] = {
+        "cassandra": await asyncio.to_thread(
+            ceilings.cassandra_insert_ceiling, env.hosts, keyspace, rows=cassandra_rows,
+            processes=(1, 2)),
+        "redis": await asyncio.to_thread(
+            ceilings.redis_ceilings, int(env.redis_url.rsplit(":", 1)[1].split("/")[0]),
+            50_000 if quick else 200_000),
+        "aiohttp_noop": await asyncio.to_thread(
+            ceilings.aiohttp_noop_ceiling, 16, 3.0 if quick else 10.0),
+    }
+    best = result["ceilings"]["cassandra"]["best"]["rows_per_s"]
+
+    settings = env.settings(keyspace, "bench")
+    async with open_runtime(settings) as rt:
+        assert isinstance(rt.store, CassandraStore)
+        await rt.queue.redis.delete(*(f"bench:q:{p}" for p in ("high", "medium", "low")))
+        authors, followers = 10, 9_999
+        sizes = (10, 1_000, 9_999)
+        graph_users = 20_000 if quick else 100_000
+        log("loading graphs")
+        await load_edges(rt.store, fanout_graph(authors, followers), THRESHOLD)
+        await load_edges(rt.store, latency_graph(sizes), THRESHOLD)
+        if not skip_locust:
+            edges = await load_edges(rt.store, follow_pairs(graph_users, 20, 1.0, 1), THRESHOLD)
+            log(f"power-law graph: {graph_users:,} users, {edges:,} follows")
+
+        log("fan-out throughput")
+        result["fanout"] = await bench_fanout(
+            env, rt, (1, 2) if quick else (1, 2, 4), 20 if quick else 60, authors, followers)
+        for row in result["fanout"]:
+            row["ratio_to_ceiling"] = round(row["rows_per_s"] / best, 3)
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        commands = [(["api"], env.process_env(settings, port)),
+                    (["worker", "--concurrency", "4"], env.process_env(settings))]
+        with processes(commands):
+            await wait_http(f"{url}/healthz")
+            log("delivery latency, idle")
+            samples = 5 if quick else 30
+            result["latency"] = {"idle": await bench_latency(rt, url, sizes, samples, "idle")}
+            if not skip_locust:
+                log("locust mixed workload (delivery latency measured under it)")
+                duration = 60 if not quick else 20
+                locust = asyncio.create_task(asyncio.to_thread(
+                    run_locust, url, out, 32, graph_users, duration))
+                await asyncio.sleep(10)
+                result["latency"]["loaded"] = await bench_latency(
+                    rt, url, sizes, max(5, samples // 3), "loaded")
+                result["locust"] = await locust
+
+    log("strategies")
+    result["strategies"] = await bench_strategies(env, quick)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="the subset (under 3 minutes)")
+    parser.add_argument("--no-locust", action="store_true", help="skip the locust workload")
+    parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results")
+    args = parser.parse_args(argv)
+    hosts = os.environ.get("FEEDSVC_CASSANDRA_HOSTS")
+    redis_url = os.environ.get("FEEDSVC_REDIS_URL")
+    if not hosts or not redis_url:
+        print("set FEEDSVC_CASSANDRA_HOSTS and FEEDSVC_REDIS_URL (make bench does)",
+              file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = Env(tuple(hosts.split(",")), redis_url)
+    result = asyncio.run(run(env, args.quick, args.out, args.no_locust or args.quick))
+    name = "bench-quick" if args.quick else "bench"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    table = write_report(result, args.out, name)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
