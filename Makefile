@@ -40,15 +40,27 @@ lint: venv
 # Uses FEEDSVC_CASSANDRA_HOSTS / FEEDSVC_REDIS_URL when set, else starts (or reuses) the
 # project's local servers. pytest's exit code 5 ("no tests collected") is not a failure.
 test: venv
-	@set -e; \
-	if [ -z "$$FEEDSVC_CASSANDRA_HOSTS" ] || [ -z "$$FEEDSVC_REDIS_URL" ]; then \
-		eval "$$($(BIN)/python scripts/services.py start)"; \
-		export FEEDSVC_CASSANDRA_HOSTS FEEDSVC_REDIS_URL; \
-	fi; \
+	@$(WITH_SERVICES); \
 	echo "using FEEDSVC_CASSANDRA_HOSTS=$$FEEDSVC_CASSANDRA_HOSTS FEEDSVC_REDIS_URL=$$FEEDSVC_REDIS_URL"; \
 	$(BIN)/ruff check .; \
 	$(BIN)/mypy; \
 	$(BIN)/pytest $(PYTEST_ARGS) || test $$? -eq 5
+
+# Benchmarks and load (run on purpose, not part of `make test`). Results in loadtest/results/.
+WITH_SERVICES = set -e; \
+	if [ -z "$$FEEDSVC_CASSANDRA_HOSTS" ] || [ -z "$$FEEDSVC_REDIS_URL" ]; then \
+		eval "$$($(BIN)/python scripts/services.py start)"; \
+		export FEEDSVC_CASSANDRA_HOSTS FEEDSVC_REDIS_URL; \
+	fi
+
+bench: venv
+	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench
+
+bench-quick: venv
+	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --quick
+
+load: venv
+	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --only locust
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -39,7 +39,8 @@ from feedsvc import fanout, intake
 from feedsvc.auth import issue_token
 from feedsvc.config import Settings
 from feedsvc.migrate import migrate
-from feedsvc.model import FOLLOWER_PAGE
+from feedsvc.model import FOLLOWER_PAGE, FanoutTask
+from feedsvc.queue.redis import RedisQueue
 from feedsvc.runtime import Runtime, open_runtime
 from feedsvc.seed import follow_pairs
 from feedsvc.store.cassandra import CassandraStore, connect_cluster
@@ -140,6 +141,14 @@ async def fresh_keyspace(env: Env, keyspace: str) -> None:
         await asyncio.to_thread(migrate, session, keyspace)
     finally:
         await asyncio.to_thread(cluster.shutdown)
+
+
+async def clear_queue(rt: Runtime) -> None:
+    """Start from empty streams (a previous run may have been interrupted)."""
+    assert isinstance(rt.queue, RedisQueue)
+    await rt.queue.redis.delete(*rt.queue.streams.values())
+    for stream in rt.queue.streams.values():
+        await rt.queue.redis.xgroup_create(stream, "fanout", id="0", mkstream=True)
 
 
 async def queue_depth(rt: Runtime) -> int:
@@ -293,7 +302,7 @@ async def consume(rt: Runtime) -> int:
     rows = 0
     while (delivery := await rt.queue.claim("bench", 0.05)) is not None:
         task = delivery.envelope.task
-        if isinstance(task, fanout.FanoutTask):
+        if isinstance(task, FanoutTask):
             rows += await fanout.fan_out(rt, task.event)
         else:
             await fanout.handle(rt, delivery.envelope)
@@ -314,7 +323,7 @@ async def bench_strategies(env: Env, quick: bool) -> list[dict[str, Any]]:
         settings = env.settings(keyspace, f"bench-{name}", threshold)
         async with open_runtime(settings) as rt:
             assert isinstance(rt.store, CassandraStore)
-            await rt.queue.redis.delete(*(f"bench-{name}:q:{p}" for p in ("high", "medium", "low")))
+            await clear_queue(rt)
             edges = await load_edges(rt.store, strategy_graph(
                 mega, celebrities, celeb_followers, readers, normal_authors), threshold)
             log(f"strategy {name}: graph of {edges:,} edges loaded")
@@ -412,68 +421,78 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-async def run(env: Env, quick: bool, out: Path, skip_locust: bool) -> dict[str, Any]:
+SECTIONS = ("ceilings", "fanout", "latency", "locust", "strategies")
+
+
+async def run(env: Env, quick: bool, out: Path, sections: set[str]) -> dict[str, Any]:
     started = time.perf_counter()
     result: dict[str, Any] = {"quick": quick, "machine": machine(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     keyspace = "feedsvc_bench"
     await fresh_keyspace(env, keyspace)
 
-    log("ceilings")
-    cassandra_rows = 100_000 if quick else 300_000
-    result["ceilings"] = {
-        "cassandra": await asyncio.to_thread(
-            ceilings.cassandra_insert_ceiling, env.hosts, keyspace, rows=cassandra_rows,
-            processes=(1, 2)),
-        "redis": await asyncio.to_thread(
-            ceilings.redis_ceilings, int(env.redis_url.rsplit(":", 1)[1].split("/")[0]),
-            50_000 if quick else 200_000),
-        "aiohttp_noop": await asyncio.to_thread(
-            ceilings.aiohttp_noop_ceiling, 16, 3.0 if quick else 10.0),
-    }
-    best = result["ceilings"]["cassandra"]["best"]["rows_per_s"]
+    if "ceilings" in sections:
+        log("ceilings")
+        result["ceilings"] = {
+            "cassandra": await asyncio.to_thread(
+                ceilings.cassandra_insert_ceiling, env.hosts, keyspace,
+                rows=100_000 if quick else 300_000, processes=(1, 2)),
+            "redis": await asyncio.to_thread(
+                ceilings.redis_ceilings, int(env.redis_url.rsplit(":", 1)[1].split("/")[0]),
+                50_000 if quick else 200_000),
+            "aiohttp_noop": await asyncio.to_thread(
+                ceilings.aiohttp_noop_ceiling, 16, 3.0 if quick else 10.0),
+        }
 
     settings = env.settings(keyspace, "bench")
     async with open_runtime(settings) as rt:
         assert isinstance(rt.store, CassandraStore)
-        await rt.queue.redis.delete(*(f"bench:q:{p}" for p in ("high", "medium", "low")))
+        await clear_queue(rt)
         authors, followers = 10, 9_999
         sizes = (10, 1_000, 9_999)
         graph_users = 20_000 if quick else 100_000
         log("loading graphs")
         await load_edges(rt.store, fanout_graph(authors, followers), THRESHOLD)
         await load_edges(rt.store, latency_graph(sizes), THRESHOLD)
-        if not skip_locust:
+        if "locust" in sections:
             edges = await load_edges(rt.store, follow_pairs(graph_users, 20, 1.0, 1), THRESHOLD)
             log(f"power-law graph: {graph_users:,} users, {edges:,} follows")
 
-        log("fan-out throughput")
-        result["fanout"] = await bench_fanout(
-            env, rt, (1, 2) if quick else (1, 2, 4), 20 if quick else 60, authors, followers)
-        for row in result["fanout"]:
-            row["ratio_to_ceiling"] = round(row["rows_per_s"] / best, 3)
+        if "fanout" in sections:
+            log("fan-out throughput")
+            result["fanout"] = await bench_fanout(
+                env, rt, (1, 2) if quick else (1, 2, 4), 20 if quick else 60, authors,
+                followers)
+            if "ceilings" in result:
+                best = result["ceilings"]["cassandra"]["best"]["rows_per_s"]
+                for row in result["fanout"]:
+                    row["ratio_to_ceiling"] = round(row["rows_per_s"] / best, 3)
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         commands = [(["api"], env.process_env(settings, port)),
                     (["worker", "--concurrency", "4"], env.process_env(settings))]
+        samples = 5 if quick else 30
         with processes(commands):
             await wait_http(f"{url}/healthz")
-            log("delivery latency, idle")
-            samples = 5 if quick else 30
-            result["latency"] = {"idle": await bench_latency(rt, url, sizes, samples, "idle")}
-            if not skip_locust:
+            if "latency" in sections:
+                log("delivery latency, idle")
+                result["latency"] = {
+                    "idle": await bench_latency(rt, url, sizes, samples, "idle")}
+            if "locust" in sections:
                 log("locust mixed workload (delivery latency measured under it)")
-                duration = 60 if not quick else 20
+                duration = 20 if quick else 60
                 locust = asyncio.create_task(asyncio.to_thread(
                     run_locust, url, out, 32, graph_users, duration))
-                await asyncio.sleep(10)
-                result["latency"]["loaded"] = await bench_latency(
-                    rt, url, sizes, max(5, samples // 3), "loaded")
+                if "latency" in sections:
+                    await asyncio.sleep(10)
+                    result["latency"]["loaded"] = await bench_latency(
+                        rt, url, sizes, max(5, samples // 3), "loaded")
                 result["locust"] = await locust
 
-    log("strategies")
-    result["strategies"] = await bench_strategies(env, quick)
+    if "strategies" in sections:
+        log("strategies")
+        result["strategies"] = await bench_strategies(env, quick)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -481,7 +500,7 @@ async def run(env: Env, quick: bool, out: Path, skip_locust: bool) -> dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="the subset (under 3 minutes)")
-    parser.add_argument("--no-locust", action="store_true", help="skip the locust workload")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run these sections only")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results")
     args = parser.parse_args(argv)
     hosts = os.environ.get("FEEDSVC_CASSANDRA_HOSTS")
@@ -492,8 +511,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     env = Env(tuple(hosts.split(",")), redis_url)
-    result = asyncio.run(run(env, args.quick, args.out, args.no_locust or args.quick))
-    name = "bench-quick" if args.quick else "bench"
+    sections = set(args.only or SECTIONS)
+    if args.quick and not args.only:
+        sections.discard("locust")
+    result = asyncio.run(run(env, args.quick, args.out, sections))
+    name = "bench-quick" if args.quick else ("bench" if not args.only else
+                                             "bench-" + "-".join(sorted(sections)))
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     table = write_report(result, args.out, name)
     print(table)

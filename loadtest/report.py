@@ -21,14 +21,29 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    c = result["ceilings"]
-    best = c["cassandra"]["best"]
-    noop = c["aiohttp_noop"]
     parts = [f"## feedsvc benchmark ({'quick' if result['quick'] else 'full'} run, "
              f"{result['started']}, {result['seconds']} s)",
              f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
              f"{result['machine']['memory_gib']} GiB, Python {result['machine']['python']}."]
-    parts.append("### Ceilings of this machine")
+    noop_rps = 0.0
+    if "ceilings" in result:
+        noop_rps = result["ceilings"]["aiohttp_noop"]["rps"]
+        parts += _ceilings(result["ceilings"])
+    if "fanout" in result:
+        parts += _fanout(result["fanout"])
+    if "latency" in result:
+        parts += _latency(result["latency"])
+    if "strategies" in result:
+        parts += _strategies(result["strategies"], noop_rps)
+    if "locust" in result:
+        parts += _locust(result["locust"])
+    return "\n\n".join(parts) + "\n"
+
+
+def _ceilings(c: dict[str, Any]) -> list[str]:
+    best = c["cassandra"]["best"]
+    noop = c["aiohttp_noop"]
+    parts = ["### Ceilings of this machine"]
     rows = [[f"Cassandra insert, {name}", f"{rate:,.0f} rows/s"]
             for name, rate in c["cassandra"]["patterns"].items()]
     rows.append(["Cassandra insert, best", f"{best['rows_per_s']:,.0f} rows/s ({best['pattern']})"])
@@ -37,47 +52,53 @@ def markdown(result: dict[str, Any]) -> str:
     rows.append(["aiohttp no-op handler", f"{noop['rps']:,.0f} req/s "
                  f"(p50 {noop['p50_ms']:.2f} ms, p99 {noop['p99_ms']:.2f} ms)"])
     parts.append(_table(["ceiling", "measured"], rows))
+    return parts
 
-    parts.append("### Fan-out throughput (HTTP in, Cassandra inbox rows out)")
-    parts.append(_table(
+
+def _fanout(fanout: list[dict[str, Any]]) -> list[str]:
+    return ["### Fan-out throughput (HTTP in, Cassandra inbox rows out)", _table(
         ["worker processes", "events", "inbox rows", "seconds", "rows/s", "ratio to best insert"],
         [[r["workers"], r["events"], r["rows"], r["seconds"], r["rows_per_s"],
-          f"{r['ratio_to_ceiling']:.0%}"] for r in result["fanout"]]))
+          f"{r['ratio_to_ceiling']:.0%}" if "ratio_to_ceiling" in r else "-"]
+         for r in fanout])]
 
-    parts.append("### Delivery latency (202 -> readable in the last follower's inbox)")
+
+def _latency(latency: dict[str, list[dict[str, Any]]]) -> list[str]:
     rows = []
-    for label, entries in result["latency"].items():
+    for label, entries in latency.items():
         rows += [[label, r["followers"], r["samples"], r["p50_ms"], r["p99_ms"], r["max_ms"]]
                  for r in entries]
-    parts.append(_table(["system", "followers", "samples", "p50 ms", "p99 ms", "max ms"], rows))
+    return ["### Delivery latency (202 -> readable in the last follower's inbox)",
+            _table(["system", "followers", "samples", "p50 ms", "p99 ms", "max ms"], rows)]
 
-    parts.append("### Strategies on the same graph and events")
+
+def _strategies(strategies: list[dict[str, Any]], noop_rps: float) -> list[str]:
+    parts = ["### Strategies on the same graph and events"]
     rows = []
-    for s in result["strategies"]:
+    for s in strategies:
         reads = {r["celebrities"]: r for r in s["reads"]}
         rows.append([s["strategy"], s["rows_per_event"],
                      f"{s['mega_fanout_s']:.2f} s ({s['mega_rows']:,} rows)",
                      *(f"{reads[k]['p50_ms']:.1f} / {reads[k]['p99_ms']:.1f}"
                        for k in (0, 3, 30))])
-    mega = result["strategies"][0]["mega_followers"] if result["strategies"] else 0
+    mega = strategies[0]["mega_followers"] if strategies else 0
     parts.append(_table(
         ["strategy", "rows per event", f"fan-out of one {mega:,}-follower post",
          "inbox p50/p99 ms, 0 celebrities", "3 celebrities", "30 celebrities"], rows))
-    noop_rps = noop["rps"] or 1
-    read_rows = [[s["strategy"], r["celebrities"], r["rps"], f"{r['rps'] / noop_rps:.0%}",
-                  r["errors"]] for s in result["strategies"] for r in s["reads"]]
+    read_rows = [[s["strategy"], r["celebrities"], r["rps"],
+                  f"{r['rps'] / noop_rps:.0%}" if noop_rps else "-", r["errors"]]
+                 for s in strategies for r in s["reads"]]
     parts.append(_table(["strategy", "celebrities followed", "GET /v1/inbox req/s",
                          "ratio to no-op handler", "errors"], read_rows))
+    return parts
 
-    if "locust" in result:
-        lo = result["locust"]
-        parts.append(f"### locust mixed workload ({lo['users']} users, {lo['duration_s']} s)")
-        entries = [*lo["endpoints"], lo["total"]] if lo["total"] else lo["endpoints"]
-        parts.append(_table(
-            ["endpoint", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms"],
-            [[e["name"], e["requests"], e["failures"], e["rps"], e["p50_ms"], e["p95_ms"],
-              e["p99_ms"]] for e in entries]))
-    return "\n\n".join(parts) + "\n"
+
+def _locust(lo: dict[str, Any]) -> list[str]:
+    entries = [*lo["endpoints"], lo["total"]] if lo["total"] else lo["endpoints"]
+    return [f"### locust mixed workload ({lo['users']} users, {lo['duration_s']} s)", _table(
+        ["endpoint", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms"],
+        [[e["name"], e["requests"], e["failures"], e["rps"], e["p50_ms"], e["p95_ms"],
+          e["p99_ms"]] for e in entries])]
 
 
 def charts(result: dict[str, Any], out: Path, name: str) -> list[Path]:
@@ -86,7 +107,17 @@ def charts(result: dict[str, Any], out: Path, name: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    paths: list[Path] = []
+    if "fanout" in result and "ceilings" in result:
+        paths.append(_throughput_chart(plt, result, out, name))
+    if "latency" in result:
+        paths.append(_latency_chart(plt, result, out, name))
+    if "strategies" in result:
+        paths.append(_reads_chart(plt, result, out, name))
+    return paths
+
+
+def _throughput_chart(plt: Any, result: dict[str, Any], out: Path, name: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     workers = [r["workers"] for r in result["fanout"]]
     ax.plot(workers, [r["rows_per_s"] for r in result["fanout"]], marker="o",
@@ -99,13 +130,21 @@ def charts(result: dict[str, Any], out: Path, name: str) -> list[Path]:
     ax.set_ylim(bottom=0)
     ax.legend()
     ax.set_title("Fan-out throughput")
-    fig.tight_layout()
-    paths.append(out / f"{name}-throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, out / f"{name}-throughput.png")
 
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _latency_chart(plt: Any, result: dict[str, Any], out: Path, name: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels, p50, p99 = [], [], []
+    labels: list[str] = []
+    p50: list[float] = []
+    p99: list[float] = []
     for label, entries in result["latency"].items():
         for r in entries:
             labels.append(f"{r['followers']:,}\n{label}")
@@ -119,11 +158,10 @@ def charts(result: dict[str, Any], out: Path, name: str) -> list[Path]:
     ax.set_xlabel("followers / system")
     ax.legend()
     ax.set_title("Delivery latency")
-    fig.tight_layout()
-    paths.append(out / f"{name}-latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, out / f"{name}-latency.png")
 
+
+def _reads_chart(plt: Any, result: dict[str, Any], out: Path, name: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     groups = (0, 3, 30)
     for i, s in enumerate(result["strategies"]):
@@ -134,11 +172,7 @@ def charts(result: dict[str, Any], out: Path, name: str) -> list[Path]:
     ax.set_ylabel("GET /v1/inbox p99 ms")
     ax.legend()
     ax.set_title("Read latency by strategy")
-    fig.tight_layout()
-    paths.append(out / f"{name}-reads.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+    return _save(plt, fig, out / f"{name}-reads.png")
 
 
 def write_report(result: dict[str, Any], out: Path, name: str) -> str:
