@@ -1,0 +1,841 @@
+"""Ceilings of this machine: the raw limits feedsvc's own numbers are divided by.
+
+Three measurements, each of the plain building block feedsvc stands on, driven the way feedsvc
+drives it:
+
+* ``cassandra_insert_ceiling``: inbox rows per second into a table shaped exactly like
+  ``inbox_by_user`` (``inbox_ceiling_by_user``), written with feedsvc's driver setup
+  (``feedsvc.store.cassandra.connect_cluster``: protocol v5, token-aware DC-aware routing) as
+  single-row prepared inserts with 256 in flight, and as unlogged batches of rows grouped by
+  replica set (16, 64 or 128 rows, 32 batches in flight), each from 1 and from N processes.
+* ``redis_ceilings``: ``redis-benchmark`` ops/s for ``XADD`` and ``SET ... NX``, with and
+  without pipelining.
+* ``aiohttp_noop_ceiling``: requests/s of a no-op aiohttp handler (``loadtest.noop_server``)
+  under ``loadtest.httpload``, the generator every HTTP number of the harness uses.
+
+``python -m loadtest.ceilings [--quick]`` runs all three and prints one JSON document on stdout
+(progress goes to stderr). Everything stays on 127.0.0.1 and is bounded in rows, requests and
+seconds. Cassandra, Redis, the servers under test and the clients all share this machine's
+cores: the ``machine_busy_pct`` and ``client_cpu_pct`` figures reported next to each number say
+how much of it the client itself took, and every run waits for the machine to be quiet first
+(``settle``) so leftovers of one run are not charged to the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis
+from cassandra.query import BatchStatement, BatchType, BoundStatement
+
+from feedsvc.store.cassandra import connect_cluster
+from loadtest.httpload import RequestPlan, collect_results, run_load_in_process
+
+log = logging.getLogger("loadtest.ceilings")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CQL_DIR = REPO_ROOT / "cql"
+
+# --- Cassandra -----------------------------------------------------------------------------
+SOURCE_TABLE = "inbox_by_user"
+CEILING_TABLE = "inbox_ceiling_by_user"
+INBOX_TTL_S = 30 * 86_400  # feedsvc's default inbox retention
+SINGLE_IN_FLIGHT = 256  # single-row inserts in flight per process (feedsvc's fan-out default)
+BATCH_IN_FLIGHT = 32  # batches in flight per process
+BATCH_SIZES = (16, 64, 128)
+# Rows are grouped by replica set a page at a time, like feedsvc's fan-out pages of 1,000
+# followers; 1,024 so every batch size above divides a page and every batch is full.
+FANOUT_PAGE = 1024
+_MAX_ERRORS = 100  # a process stops sending after this many failed requests
+_WORKER_START_TIMEOUT_S = 120.0
+_MIN_ROWS_PER_S = 500.0  # a run slower than this is treated as hung
+_INSERT_CQL = ("INSERT INTO {ks}.{table} (user_id, created_at, event_id, author_id, direct, item) "
+               "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?")
+
+# --- Redis ---------------------------------------------------------------------------------
+REDIS_CLIENTS = 50
+REDIS_PIPELINE = 16
+REDIS_RANDOM_KEYS = 10_000_000
+REDIS_PREFIX = "bench:ceiling:"  # every key the benchmark writes; deleted before and after
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
+
+
+# =========================================================================================
+# Cassandra
+# =========================================================================================
+
+
+def inbox_table_ddl(keyspace: str, table: str = CEILING_TABLE) -> list[str]:
+    """The statements that make ``keyspace.table`` a copy of ``inbox_by_user`` as the
+    migrations in ``cql/`` leave it: its CREATE TABLE (as IF NOT EXISTS) and any later
+    ALTER TABLE, in file order, renamed. Read from the migrations so the copy cannot drift."""
+    _check_name(keyspace)
+    _check_name(table)
+    head = re.compile(
+        rf"^(CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?|ALTER\s+TABLE\s+)(?:\w+\.)?"
+        rf"{SOURCE_TABLE}(?=[\s(])",
+        re.IGNORECASE,
+    )
+    out: list[str] = []
+    for path in sorted(CQL_DIR.glob("*.cql")):
+        for statement in _split_cql(path.read_text(encoding="utf-8")):
+            match = head.match(statement)
+            if match is None:
+                continue
+            verb = match.group(1)
+            if verb.upper().startswith("CREATE"):
+                verb = "CREATE TABLE IF NOT EXISTS "
+            out.append(f"{verb}{keyspace}.{table}{statement[match.end():]}")
+    if not out or not out[0].startswith("CREATE"):
+        raise RuntimeError(f"no CREATE TABLE {SOURCE_TABLE} found in {CQL_DIR}/*.cql")
+    return out
+
+
+def _split_cql(text: str) -> list[str]:
+    """Statements of a CQL file, comments (``--``, ``//``) removed. Enough for migrations:
+    no semicolons or comment markers inside string literals."""
+    lines = []
+    for line in text.splitlines():
+        cut = min((i for i in (line.find("--"), line.find("//")) if i >= 0), default=len(line))
+        if line[:cut].count("'") % 2 == 0:
+            line = line[:cut]
+        lines.append(line)
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def create_keyspace(hosts: Sequence[str], keyspace: str) -> None:
+    """CREATE KEYSPACE IF NOT EXISTS (SimpleStrategy, replication factor 1)."""
+    _check_name(keyspace)
+    cluster, session = connect_cluster(hosts)
+    try:
+        session.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+            timeout=60,
+        )
+    finally:
+        cluster.shutdown()
+
+
+def cassandra_insert_ceiling(
+    hosts: Sequence[str],
+    keyspace: str,
+    *,
+    rows: int,
+    payload_bytes: int = 120,
+    processes: Sequence[int] = (1, 2),
+) -> dict[str, Any]:
+    """Inbox rows/s Cassandra takes from this machine, per write pattern.
+
+    Patterns: ``single`` (one prepared INSERT per row, ``SINGLE_IN_FLIGHT`` in flight per
+    process, completion callbacks issuing the next) and ``batch<N>`` (unlogged batches of N rows
+    sharing a replica set, ``BATCH_IN_FLIGHT`` in flight per process), each from every process
+    count in ``processes`` (spawned processes, each with its own cluster connection and an equal
+    share of the ``rows``; rate = rows written / wall time from the common start to the last
+    process done). Rows look like a fan-out: a distinct user_id each, one created_at, event_id,
+    author_id and ``payload_bytes`` item shared, written with a TTL; the shared values are
+    serialized once, as feedsvc does. Building the statements is part of the timed work. The
+    table is truncated before every pattern (after an untimed warm-up pass) and at the end, and
+    each pattern starts once the machine is quiet again (``settle``).
+
+    Returns ``{"patterns": {name: rows_per_s}, "best": {"pattern", "rows_per_s"}, "runs":
+    {name: details}, ...}``; ``best`` prefers patterns that ran without errors.
+    """
+    if rows < 1 or payload_bytes < 0 or not processes or min(processes) < 1:
+        raise ValueError("need rows >= 1, payload_bytes >= 0 and process counts >= 1")
+    table_info = _prepare_table(hosts, keyspace)
+    shapes: list[tuple[str, int, int]] = [("single", 0, SINGLE_IN_FLIGHT)]
+    shapes += [(f"batch{size}", size, BATCH_IN_FLIGHT) for size in BATCH_SIZES]
+    created_at = int(time.time() * 1000)
+
+    def run(batch_rows: int, in_flight: int, count: int, n_rows: int) -> dict[str, Any]:
+        return _run_insert_pattern(
+            hosts=tuple(hosts), keyspace=keyspace, batch_rows=batch_rows, in_flight=in_flight,
+            rows=n_rows, processes=count, payload_bytes=payload_bytes, created_at=created_at)
+
+    runs: dict[str, dict[str, Any]] = {}
+    cluster, session = connect_cluster(hosts)
+    try:
+        _truncate(session, keyspace)
+        warmup_rows = min(rows, max(20_000, rows // 4))
+        _progress(f"cassandra: warm-up, {warmup_rows} rows as batch64 (not reported)")
+        warmup = run(64, BATCH_IN_FLIGHT, 1, warmup_rows)
+        for pattern, batch_rows, in_flight in shapes:
+            for count in processes:
+                name = f"{pattern}_{count}p"
+                _truncate(session, keyspace)
+                quiet = settle()
+                _progress(f"cassandra: {name}, {rows} rows")
+                runs[name] = run(batch_rows, in_flight, count, rows)
+                runs[name]["settle"] = quiet
+                _progress(f"cassandra: {name} -> {runs[name]['rows_per_s']:.0f} rows/s "
+                          f"(machine {runs[name]['machine_busy_pct']}% busy)")
+        _truncate(session, keyspace)
+    finally:
+        cluster.shutdown()
+
+    clean = {n: r for n, r in runs.items() if r["errors"] == 0} or runs
+    best = max(clean, key=lambda n: clean[n]["rows_per_s"])
+    return {
+        "patterns": {n: r["rows_per_s"] for n, r in runs.items()},
+        "best": {"pattern": best, "rows_per_s": runs[best]["rows_per_s"]},
+        "runs": runs,
+        "warmup": warmup,
+        "rows_per_pattern": rows,
+        "payload_bytes": payload_bytes,
+        "ttl_s": INBOX_TTL_S,
+        "table": table_info,
+    }
+
+
+def _prepare_table(hosts: Sequence[str], keyspace: str) -> dict[str, Any]:
+    """Create the ceiling table if missing; report whether it matches a live inbox_by_user in
+    the same keyspace (None when the keyspace has none to compare with)."""
+    statements = inbox_table_ddl(keyspace)
+    cluster, session = connect_cluster(hosts)
+    try:
+        ks_meta = cluster.metadata.keyspaces.get(keyspace)
+        if ks_meta is None:
+            raise RuntimeError(f"keyspace {keyspace} does not exist")
+        created = CEILING_TABLE not in ks_meta.tables
+        if created:
+            for statement in statements:
+                session.execute(statement, timeout=60)
+            cluster.refresh_table_metadata(keyspace, CEILING_TABLE)
+        ks_meta = cluster.metadata.keyspaces[keyspace]
+        ours = ks_meta.tables[CEILING_TABLE].as_cql_query()
+        source = ks_meta.tables.get(SOURCE_TABLE)
+        matches = None
+        if source is not None:
+            theirs = source.as_cql_query().replace(
+                f"{keyspace}.{SOURCE_TABLE} ", f"{keyspace}.{CEILING_TABLE} ", 1)
+            matches = theirs == ours
+        return {"name": f"{keyspace}.{CEILING_TABLE}", "created_now": created,
+                "matches_live_inbox_by_user": matches, "ddl": statements}
+    finally:
+        cluster.shutdown()
+
+
+def _truncate(session: Any, keyspace: str) -> None:
+    session.execute(f"TRUNCATE {keyspace}.{CEILING_TABLE}", timeout=120)
+
+
+@dataclass(frozen=True)
+class _InsertJob:
+    hosts: tuple[str, ...]
+    keyspace: str
+    batch_rows: int  # 0: single-row inserts
+    in_flight: int
+    first_row: int
+    rows: int
+    payload_bytes: int
+    created_at: int
+    timeout_s: float
+
+
+_Report = tuple[int, dict[str, Any] | None, str | None]
+
+
+def _run_insert_pattern(
+    *,
+    hosts: tuple[str, ...],
+    keyspace: str,
+    batch_rows: int,
+    in_flight: int,
+    rows: int,
+    processes: int,
+    payload_bytes: int,
+    created_at: int,
+) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    results: Queue[_Report] = ctx.Queue()
+    start_line = ctx.Barrier(processes)
+    timeout_s = 60.0 + rows / _MIN_ROWS_PER_S
+    jobs, first = [], 0
+    for k in range(processes):
+        share = rows // processes + (k < rows % processes)
+        jobs.append(_InsertJob(hosts, keyspace, batch_rows, in_flight, first, share,
+                               payload_bytes, created_at, timeout_s))
+        first += share
+    workers = [
+        ctx.Process(target=_insert_process, args=(job, start_line, results, k),
+                    name=f"ceiling-insert-{k}", daemon=True)
+        for k, job in enumerate(jobs)
+    ]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + _WORKER_START_TIMEOUT_S + timeout_s + 30
+    collected, failures = collect_results(workers, results, deadline)
+    if failures:
+        raise RuntimeError("cassandra insert run failed:\n" + "\n".join(failures))
+    reports = [r for r in collected if r is not None]
+
+    wall = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
+    ok = sum(r["rows_ok"] for r in reports)
+    warnings: dict[str, int] = {}
+    samples: dict[str, str] = {}
+    for r in reports:
+        for kind, n in r["server_warnings"].items():
+            warnings[kind] = warnings.get(kind, 0) + n
+        for kind, text in r["warning_samples"].items():
+            samples.setdefault(kind, text)
+    busy = [r["machine_busy_pct"] for r in reports if r["machine_busy_pct"] is not None]
+    machine_busy = round(statistics.fmean(busy), 1) if busy else None
+    client_cpu = round(100.0 * sum(r["cpu_s"] for r in reports) / wall, 1) if wall > 0 else 0.0
+    return {
+        "rows_per_s": round(ok / wall, 1) if wall > 0 else 0.0,
+        "rows_ok": ok,
+        "rows_failed": sum(r["rows_failed"] for r in reports),
+        "requests": sum(r["requests"] for r in reports),
+        "errors": sum(r["errors"] for r in reports),
+        "first_error": next((r["first_error"] for r in reports if r["first_error"]), None),
+        "timed_out": any(r["timed_out"] for r in reports),
+        "wall_s": round(wall, 3),
+        "processes": processes,
+        "rows_per_request": batch_rows or 1,
+        "in_flight_per_process": in_flight,
+        # CPU in percent of one core, except machine_busy_pct (of all cores). What the client
+        # processes did not use went to Cassandra (and anything else running meanwhile).
+        "client_cpu_pct": client_cpu,
+        "machine_busy_pct": machine_busy,
+        "rest_of_machine_cpu_pct": round(machine_busy * (os.cpu_count() or 1) - client_cpu, 1)
+        if machine_busy is not None else None,
+        "server_warnings": warnings,
+        "server_warning_samples": samples,
+    }
+
+
+class _ServerWarnings(logging.Filter):
+    """Counts (and swallows) the driver's "Server warning: ..." log lines, by kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.samples: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Server warning:"):
+            return True
+        if "Unlogged batch covering" in text:
+            kind = "unlogged_batch_across_partitions"
+        elif "is of size" in text:
+            kind = "batch_size_warn_threshold"
+        else:
+            kind = "other"
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.samples.setdefault(kind, text)
+        return False
+
+
+def _insert_process(
+    job: _InsertJob, start_line: Barrier, results: Queue[_Report], index: int
+) -> None:
+    """One client process: connect, prepare, wait for the others, write its share."""
+    warnings = _ServerWarnings()
+    logging.getLogger("cassandra.protocol").addFilter(warnings)
+    cluster = None
+    try:
+        cluster, session = connect_cluster(job.hosts)
+        prepared = session.prepare(_INSERT_CQL.format(ks=job.keyspace, table=CEILING_TABLE))
+        statements = _statements(cluster.metadata, prepared, job)
+        start_line.wait(timeout=_WORKER_START_TIMEOUT_S)
+        machine_before = _machine_cpu()
+        cpu_before = time.process_time()
+        pump = _Pump(session, statements, job.in_flight)
+        finished = pump.run(job.timeout_s)
+        cpu_s = time.process_time() - cpu_before
+        machine_after = _machine_cpu()
+        report = {
+            "started": pump.started,
+            "ended": pump.ended if finished else time.monotonic(),
+            "timed_out": not finished,
+            "rows_ok": pump.rows_ok,
+            "rows_failed": pump.rows_failed,
+            "requests": pump.requests,
+            "errors": pump.errors,
+            "first_error": pump.first_error or ("timed out" if not finished else None),
+            "cpu_s": cpu_s,
+            "machine_busy_pct": _busy_pct(machine_before, machine_after),
+            "server_warnings": dict(warnings.counts),
+            "warning_samples": dict(warnings.samples),
+        }
+    except Exception:
+        start_line.abort()  # release the other processes instead of letting them wait
+        results.put((index, None, traceback.format_exc()))
+    else:
+        results.put((index, report, None))
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def _statements(metadata: Any, prepared: Any, job: _InsertJob) -> Iterator[tuple[Any, int]]:
+    """(statement, rows in it) for the job's rows, built lazily (while the pump sends)."""
+    blob = bytes(i % 251 for i in range(job.payload_bytes))
+    # Serialize what every row shares once; only the user id (the partition key) differs.
+    template = prepared.bind(("", job.created_at, f"ceiling-{job.created_at}", "ceiling-author",
+                              False, blob, INBOX_TTL_S))
+    shared = template.values[1:]
+
+    def row(user_id: bytes) -> Any:
+        bound = BoundStatement(prepared)
+        bound.values = [user_id, *shared]
+        return bound
+
+    end = job.first_row + job.rows
+    for page_start in range(job.first_row, end, FANOUT_PAGE):
+        keys = [f"cu{i}".encode() for i in range(page_start, min(end, page_start + FANOUT_PAGE))]
+        if not job.batch_rows:
+            for key in keys:
+                yield row(key), 1
+            continue
+        for group in _group_by_replicas(metadata, job.keyspace, keys):
+            for start in range(0, len(group), job.batch_rows):
+                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+                chunk = group[start:start + job.batch_rows]
+                for key in chunk:
+                    batch.add(row(key))
+                yield batch, len(chunk)
+
+
+def _group_by_replicas(metadata: Any, keyspace: str, keys: list[bytes]) -> list[list[bytes]]:
+    """Partition keys grouped by the replica set that owns them (one group on one node)."""
+    if len(metadata.all_hosts()) == 1:
+        return [keys]
+    groups: dict[tuple[str, ...], list[bytes]] = {}
+    for key in keys:
+        owners = tuple(sorted(str(h.endpoint) for h in metadata.get_replicas(keyspace, key)))
+        groups.setdefault(owners, []).append(key)
+    return list(groups.values())
+
+
+class _Pump:
+    """Keeps ``in_flight`` requests outstanding: each completion callback (on the driver's
+    event loop thread) sends the next statement, until the statements run out."""
+
+    def __init__(self, session: Any, statements: Iterator[tuple[Any, int]], in_flight: int):
+        self._session = session
+        self._statements = statements
+        self._in_flight = in_flight
+        self._lock = threading.Lock()
+        self._finished = threading.Event()
+        self._pending = 0
+        self._stopping = False
+        self.started = 0.0
+        self.ended = 0.0
+        self.requests = 0
+        self.rows_ok = 0
+        self.rows_failed = 0
+        self.errors = 0
+        self.first_error: str | None = None
+
+    def run(self, timeout_s: float) -> bool:
+        """Send everything; False if it did not finish within ``timeout_s``."""
+        self.started = time.monotonic()
+        for _ in range(self._in_flight):
+            self._send_next()
+        return self._finished.wait(timeout_s)
+
+    def _send_next(self) -> None:
+        with self._lock:
+            item = None if self._stopping else next(self._statements, None)
+            if item is None:
+                if self._pending == 0 and not self._finished.is_set():
+                    self.ended = time.monotonic()
+                    self._finished.set()
+                return
+            self._pending += 1
+            self.requests += 1
+        statement, rows = item
+        try:
+            future = self._session.execute_async(statement)
+        except Exception as exc:
+            self._failed(exc, rows)
+            return
+        future.add_callbacks(self._succeeded, self._failed,
+                             callback_args=(rows,), errback_args=(rows,))
+
+    def _succeeded(self, _result: Any, rows: int) -> None:
+        with self._lock:
+            self._pending -= 1
+            self.rows_ok += rows
+        self._send_next()
+
+    def _failed(self, exc: BaseException, rows: int) -> None:
+        with self._lock:
+            self._pending -= 1
+            self.rows_failed += rows
+            self.errors += 1
+            if self.first_error is None:
+                self.first_error = f"{type(exc).__name__}: {exc}"
+            # Stop early on a broken server (and bound recursion on synchronous failures).
+            self._stopping = self.errors >= _MAX_ERRORS
+        self._send_next()
+
+
+# =========================================================================================
+# Redis
+# =========================================================================================
+
+
+def redis_ceilings(
+    port: int, requests: int = 200_000, *, host: str = "127.0.0.1"
+) -> dict[str, Any]:
+    """``redis-benchmark --csv -q -c 50 -n requests -r 10000000`` against host:port for
+    ``XADD bench:ceiling:stream * f v`` and ``SET bench:ceiling:set:__rand_int__ v NX``,
+    without and with pipelining (``-P 16``). Every ``bench:ceiling:*`` key is deleted before
+    and after.
+
+    Returns ops/s as flat numbers, ``{"xadd": .., "xadd_pipeline16": .., "set_nx": ..,
+    "set_nx_pipeline16": .., "details": {...}}``; the details hold the commands, the latency
+    columns of the CSV and the server's persistence settings (AOF and RDB snapshots are part of
+    the ceiling: they cost the server time)."""
+    binary = redis_benchmark_binary()
+    client = redis.Redis(host=host, port=port, socket_timeout=60)
+    commands = {
+        "xadd": ["XADD", f"{REDIS_PREFIX}stream", "*", "f", "v"],
+        "set_nx": ["SET", f"{REDIS_PREFIX}set:__rand_int__", "v", "NX"],
+    }
+    out: dict[str, Any] = {}
+    details: dict[str, Any] = {"clients": REDIS_CLIENTS, "requests": requests,
+                               "random_keys": REDIS_RANDOM_KEYS, "commands": {},
+                               "latency_ms": {}}
+    try:
+        details["redis_version"] = client.info("server").get("redis_version")
+        details["persistence"] = {k: client.config_get(k).get(k)
+                                  for k in ("appendonly", "appendfsync", "save")}
+        _delete_prefix(client, REDIS_PREFIX)
+        details["settle"] = {}
+        for name, argv in commands.items():
+            for pipeline in (1, REDIS_PIPELINE):
+                key = name if pipeline == 1 else f"{name}_pipeline{pipeline}"
+                details["settle"][key] = settle()
+                details["commands"][key] = f"{' '.join(argv)} (-P {pipeline})"
+                _progress(f"redis: {details['commands'][key]}")
+                row = _redis_benchmark(binary, host, port, argv, requests, pipeline)
+                out[key] = row["rps"]
+                details["latency_ms"][key] = {k.removesuffix("_latency_ms"): v
+                                              for k, v in row.items() if k != "rps"}
+    finally:
+        details["deleted_keys"] = _delete_prefix(client, REDIS_PREFIX)
+        client.close()
+    out["details"] = details
+    return out
+
+
+def redis_benchmark_binary() -> str:
+    """Path of Debian's redis-benchmark; installs ``redis-tools`` when missing and root."""
+    found = shutil.which("redis-benchmark")
+    if found is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        _progress("redis-benchmark missing: apt-get install redis-tools")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "redis-tools"]
+        if subprocess.run(install, env=env, check=False, timeout=600).returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, check=False, timeout=600)
+            subprocess.run(install, env=env, check=True, timeout=600)
+        found = shutil.which("redis-benchmark")
+    if found is None:
+        raise RuntimeError("redis-benchmark not found (Debian package redis-tools)")
+    return found
+
+
+def _redis_benchmark(
+    binary: str, host: str, port: int, argv: Sequence[str], requests: int, pipeline: int
+) -> dict[str, float]:
+    cmd = [binary, "-h", host, "-p", str(port), "-c", str(REDIS_CLIENTS), "-n", str(requests),
+           "-r", str(REDIS_RANDOM_KEYS), "-P", str(pipeline), "--csv", "-q", *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          timeout=60 + requests / 1_000)
+    rows = list(csv.reader(io.StringIO(done.stdout)))
+    if done.returncode != 0 or len(rows) < 2 or rows[0][:2] != ["test", "rps"]:
+        raise RuntimeError(f"redis-benchmark failed ({done.returncode}): "
+                           f"{done.stdout.strip()} {done.stderr.strip()}")
+    header, values = rows[0], rows[1]
+    return {name: float(value) for name, value in zip(header[1:], values[1:], strict=True)}
+
+
+def _delete_prefix(client: redis.Redis, prefix: str) -> int:
+    deleted = 0
+    keys: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=1_000):
+        keys.append(key)
+        if len(keys) >= 1_000:
+            deleted += int(client.delete(*keys))
+            keys.clear()
+    if keys:
+        deleted += int(client.delete(*keys))
+    return deleted
+
+
+# =========================================================================================
+# aiohttp
+# =========================================================================================
+
+
+def aiohttp_noop_ceiling(
+    connections: int = 64, duration_s: float = 10.0, *, warmup_s: float = 1.0
+) -> dict[str, Any]:
+    """Requests/s of ``GET /noop`` on ``loadtest.noop_server`` (a subprocess on a free port)
+    under ``run_load_in_process``; the LoadResult as a dict, plus the server's CPU use in
+    percent of one core (median over 0.5 s samples while the load ran)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/noop"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryFile() as server_log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "loadtest.noop_server", "--host", "127.0.0.1",
+             "--port", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=server_log,
+        )
+        try:
+            _wait_until_answers(url, server, server_log, timeout_s=30.0)
+            quiet = settle()
+            _progress(f"aiohttp: GET /noop, {connections} connections, {duration_s:g} s")
+            with _CpuSampler(server.pid) as sampler:
+                result = run_load_in_process(RequestPlan.get(url), connections=connections,
+                                             duration_s=duration_s, warmup_s=warmup_s)
+        finally:
+            _stop(server)
+    out = result.to_dict()
+    out.update(url="GET /noop", aiohttp_version=aiohttp.__version__,
+               server_cpu_pct=sampler.process_pct(), machine_busy_pct=sampler.machine_pct(),
+               settle=quiet)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_until_answers(
+    url: str, server: subprocess.Popen[bytes], server_log: Any, *, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            server_log.seek(0)
+            text = server_log.read().decode(errors="replace")
+            raise RuntimeError(f"noop server exited with {server.returncode}: {text}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"noop server did not answer {url} within {timeout_s:g} s")
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+class _CpuSampler:
+    """Samples a process's and the machine's CPU use every ``interval_s`` in a thread."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+        self._pid = pid
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._process: list[float] = []
+        self._machine: list[float] = []
+
+    def __enter__(self) -> _CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        last = (time.monotonic(), _process_cpu_ticks(self._pid), _machine_cpu())
+        while not self._stop.wait(self._interval):
+            now = (time.monotonic(), _process_cpu_ticks(self._pid), _machine_cpu())
+            if now[1] is not None and last[1] is not None:
+                self._process.append(100.0 * (now[1] - last[1]) / tick / (now[0] - last[0]))
+            busy = _busy_pct(last[2], now[2])
+            if busy is not None:
+                self._machine.append(busy)
+            last = now
+
+    def process_pct(self) -> float | None:
+        return round(statistics.median(self._process), 1) if self._process else None
+
+    def machine_pct(self) -> float | None:
+        return round(statistics.median(self._machine), 1) if self._machine else None
+
+
+def settle(
+    max_wait_s: float = 20.0, quiet_below_pct: float = 15.0, window_s: float = 0.5
+) -> dict[str, Any]:
+    """Wait (at most ``max_wait_s``) until the machine is quiet: under ``quiet_below_pct`` of
+    all cores busy over a ``window_s`` window, so background work left by the previous run
+    (Cassandra flushes and compactions, JIT, GC) is not charged to the next one. Returns how
+    long it waited, the last reading and whether the machine did settle."""
+    began = time.monotonic()
+    while True:
+        before = _machine_cpu()
+        time.sleep(window_s)
+        busy = _busy_pct(before, _machine_cpu())
+        waited = round(time.monotonic() - began, 1)
+        if busy is None or busy < quiet_below_pct:
+            return {"waited_s": waited, "busy_pct": busy, "settled": True}
+        if waited >= max_wait_s:
+            _progress(f"machine still {busy}% busy after {waited} s; measuring anyway")
+            return {"waited_s": waited, "busy_pct": busy, "settled": False}
+
+
+def _process_cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process, in clock ticks (Linux /proc; None elsewhere)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _machine_cpu() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all cores since boot (Linux /proc/stat; None elsewhere)."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    values = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def _busy_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of all cores busy between two ``_machine_cpu`` readings, in percent."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round(100.0 * (after[0] - before[0]) / (after[1] - before[1]), 1)
+
+
+# =========================================================================================
+# command line
+# =========================================================================================
+
+
+def _check_name(name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"not a valid CQL identifier: {name!r}")
+
+
+def _progress(message: str) -> None:
+    print(f"[ceilings] {message}", file=sys.stderr, flush=True)
+
+
+def _machine() -> dict[str, Any]:
+    memory = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        meminfo = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()
+        memory = round(int(meminfo[1]) / 1024 / 1024, 1)
+    return {"cpus": os.cpu_count(), "memory_gib": memory, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.ceilings",
+        description="Measure the raw ceilings of this machine (Cassandra inserts, Redis ops, "
+                    "a no-op aiohttp handler) and print them as JSON.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rows and requests, shorter runs (about a minute in all)")
+    parser.add_argument("--hosts", default="127.0.0.1:19042",
+                        help="Cassandra contact points, comma-separated host:port")
+    parser.add_argument("--redis-port", type=int, default=16379)
+    parser.add_argument("--keyspace", default="feedsvc_bench")
+    parser.add_argument("--only", action="append", choices=("cassandra", "redis", "http"),
+                        help="run only these measurements (repeatable; default all)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    only = set(args.only or ("cassandra", "redis", "http"))
+    if args.quick:
+        settings = {"cassandra_rows": 60_000, "redis_requests": 50_000,
+                    "http_connections": 64, "http_duration_s": 3.0, "http_warmup_s": 1.0}
+    else:
+        settings = {"cassandra_rows": 200_000, "redis_requests": 200_000,
+                    "http_connections": 64, "http_duration_s": 10.0, "http_warmup_s": 2.0}
+
+    out: dict[str, Any] = {"machine": _machine(), "quick": args.quick, "settings": settings}
+    failed = False
+    began = time.monotonic()
+    if "cassandra" in only:
+        try:
+            create_keyspace(hosts, args.keyspace)
+            out["cassandra_insert"] = cassandra_insert_ceiling(
+                hosts, args.keyspace, rows=int(settings["cassandra_rows"]))
+        except Exception as exc:
+            log.exception("cassandra insert ceiling failed")
+            out["cassandra_insert"] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed = True
+    if "redis" in only:
+        try:
+            out["redis"] = redis_ceilings(args.redis_port, int(settings["redis_requests"]))
+        except Exception as exc:
+            log.exception("redis ceilings failed")
+            out["redis"] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed = True
+    if "http" in only:
+        try:
+            out["aiohttp_noop"] = aiohttp_noop_ceiling(
+                int(settings["http_connections"]), float(settings["http_duration_s"]),
+                warmup_s=float(settings["http_warmup_s"]))
+        except Exception as exc:
+            log.exception("aiohttp no-op ceiling failed")
+            out["aiohttp_noop"] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed = True
+    out["elapsed_s"] = round(time.monotonic() - began, 1)
+    print(json.dumps(out, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
