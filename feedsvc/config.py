@@ -76,6 +76,12 @@ def _keyspace(text: str) -> str:
     return text
 
 
+def _prefix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
+        raise ValueError("use 1-64 of A-Z a-z 0-9 _ . -")
+    return text
+
+
 def _replication(text: str) -> str:
     pattern = r"(SimpleStrategy:\d+|NetworkTopologyStrategy(:[A-Za-z0-9_-]+=\d+)+)"
     if not re.fullmatch(pattern, text):
@@ -98,7 +104,7 @@ _VARS: tuple[_Var, ...] = (
     _Var("replication", "FEEDSVC_REPLICATION", _replication,
          "keyspace replication for migrate (default SimpleStrategy:1)"),
     _Var("redis_url", "FEEDSVC_REDIS_URL", str, "Redis URL; unset means the in-process queue"),
-    _Var("queue_prefix", "FEEDSVC_QUEUE_PREFIX", _keyspace,
+    _Var("queue_prefix", "FEEDSVC_QUEUE_PREFIX", _prefix,
          "prefix of every Redis key feedsvc uses (default feedsvc)"),
     _Var("data_dir", "FEEDSVC_DATA_DIR", Path, "embedded backend directory (default ./data)"),
     _Var("host", "FEEDSVC_HOST", str, "listen address (default 127.0.0.1)"),
@@ -118,6 +124,8 @@ _VARS: tuple[_Var, ...] = (
          "celebrities pulled per inbox read (default 100)"),
     _Var("fanout_concurrency", "FEEDSVC_FANOUT_CONCURRENCY", _positive_int,
          "inbox writes in flight per fan-out (default 256)"),
+    _Var("inbox_trim_every", "FEEDSVC_INBOX_TRIM_EVERY", _non_negative_int,
+         "one inbox write in N checks the cap (default 0: FEEDSVC_INBOX_MAX / 2)"),
 )
 
 
@@ -142,7 +150,7 @@ class Settings:
     claim_idle: float = 60.0
     max_pull_authors: int = 100
     fanout_concurrency: int = 256
-    # One inbox write in N checks the cap (0: inbox_max // 8).
+    # One inbox write in N checks the cap (0: inbox_max // 2).
     inbox_trim_every: int = 0
 
     @property
@@ -151,7 +159,7 @@ class Settings:
 
     @property
     def trim_every(self) -> int:
-        return self.inbox_trim_every or max(1, self.inbox_max // 8)
+        return self.inbox_trim_every or max(1, self.inbox_max // 2)
 
     @property
     def retention_ms(self) -> int:

@@ -841,6 +841,10 @@ auto_snapshot: false
 compaction_throughput: 0MiB/s
 concurrent_compactors: 1
 hinted_handoff_enabled: false
+# feedsvc writes fan-out rows as unlogged batches grouped by replica (up to 40 KB, below the
+# default 50KiB fail threshold); warn only on batches larger than that, not on every one.
+batch_size_warn_threshold: 48KiB
+unlogged_batch_across_partitions_warn_threshold: 1000
 """
 
     def logback_text(self) -> str:
