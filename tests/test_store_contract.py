@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from feedsvc.model import Event, InboxItem, Position
 from feedsvc.runtime import Runtime
 from tests.conftest import MakeRuntime
@@ -141,3 +143,18 @@ async def test_rows_expire(runtime: Runtime, prefix: str) -> None:
     await asyncio.sleep(2.2)
     assert [i.event_id for i in await store.read_inbox(user, None, 10)] == ["long"]
     assert await store.author_events(f"{prefix}-a", None, 10, 0) == []
+
+
+async def test_large_items_fan_out_completely(runtime: Runtime, prefix: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items near the 4 KiB payload limit; on Cassandra the batch-size estimate is also
+    disabled so the server refuses oversized batches and the store must split them."""
+    from feedsvc.store import cassandra as cassandra_store
+
+    monkeypatch.setattr(cassandra_store, "BATCH_BYTES", 10**9)
+    users = [f"{prefix}-u{i:03d}" for i in range(300)]
+    big = InboxItem(event_id="big", author_id="a", kind="post", created_at=runtime.now_ms(),
+                    priority="medium", payload='{"x":"' + "y" * 4000 + '"}')
+    await runtime.store.write_inbox(users, big, 3600)
+    rows = await asyncio.gather(*(runtime.store.read_inbox(u, None, 5) for u in users))
+    assert all([r.event_id for r in inbox] == ["big"] for inbox in rows)

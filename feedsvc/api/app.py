@@ -18,7 +18,7 @@ from aiohttp import web
 
 from feedsvc.auth import Principal, authenticate
 from feedsvc.config import Settings
-from feedsvc.errors import ClientError, RetryableError
+from feedsvc.errors import ClientError, PermanentError, RetryableError
 from feedsvc.model import MAX_BULK_BODY_BYTES
 from feedsvc.runtime import Runtime, open_runtime
 from feedsvc.workers import run_workers
@@ -85,6 +85,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         log.warning("dependency unavailable: %s", exc)
         return error_response(503, "unavailable", "a dependency is unavailable; retry",
                               headers={"Retry-After": "1"})
+    except PermanentError:
+        log.exception("request failed permanently")
+        return error_response(500, "internal_error", "the request could not be completed")
 
 
 def principal_of(request: web.Request) -> Principal:

@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from cassandra import DriverException, OperationTimedOut, RequestExecutionException
+from cassandra import (
+    DriverException,
+    InvalidRequest,
+    OperationTimedOut,
+    RequestExecutionException,
+    RequestValidationException,
+)
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
     Cluster,
@@ -28,15 +34,17 @@ from cassandra.cluster import (
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, tuple_factory
 
-from feedsvc.errors import RetryableError
+from feedsvc.errors import PermanentError, RetryableError
 from feedsvc.model import MAX_FUTURE_MS, Event, InboxItem, Mode, Position
 
 TUPLES = "tuples"  # execution profile returning rows as plain tuples
 FOLLOWER_SHARDS = 16  # partitions per author in followers_by_author
-# Inbox rows per unlogged batch: bounded by count and by bytes, well under Cassandra's
-# default batch_size_fail_threshold (50 KiB).
+# Inbox rows per unlogged batch: bounded by count and by an estimate of the mutation size
+# Cassandra checks against batch_size_fail_threshold (default 50 KiB), kept at half of it.
+# A batch refused as too large anyway is split in two and sent again.
 BATCH_ROWS = 128
-BATCH_BYTES = 40_000
+BATCH_BYTES = 24_000
+ROW_OVERHEAD = 128  # clustering, cell metadata, TTL and timestamps per row
 BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
 _PULL_SHARD = 0
 
@@ -118,6 +126,8 @@ async def _wait(future: ResponseFuture) -> list[Any]:
     future.add_callbacks(ok, fail)
     try:
         return await result
+    except RequestValidationException:
+        raise  # the request itself is wrong: retrying cannot help; callers decide
     except _DRIVER_ERRORS as exc:
         raise RetryableError(f"cassandra: {exc}") from exc
 
@@ -224,8 +234,11 @@ class CassandraStore:
             self._ps[name] = prepared
 
     async def _q(self, name: str, *params: Any) -> list[Any]:
-        async with self._limit:
-            return await _wait(self.session.execute_async(self._ps[name], params))
+        try:
+            async with self._limit:
+                return await _wait(self.session.execute_async(self._ps[name], params))
+        except RequestValidationException as exc:
+            raise PermanentError(f"cassandra refused {name}: {exc}") from exc
 
     async def _q_tuples(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
         async with self._limit:
@@ -300,33 +313,39 @@ class CassandraStore:
     async def write_inbox(self, user_ids: Sequence[str], item: InboxItem, ttl_s: int) -> None:
         """One row per user, sent as unlogged batches of rows that share their replicas (so
         the coordinator a batch is routed to owns every row in it), several in flight."""
-        blob = _item_encoder.encode(item)
-        ps = self._ps["write_inbox"]
-        per_batch = max(1, min(BATCH_ROWS, BATCH_BYTES // (len(blob) + 64)))
         if not user_ids:
             return
+        blob = _item_encoder.encode(item)
+        params = (user_ids[0], item.created_at, item.event_id, item.author_id, item.direct,
+                  blob, ttl_s)
+        row_size = len(blob) + len(item.event_id) + len(item.author_id) + 64 + ROW_OVERHEAD
+        per_batch = max(1, min(BATCH_ROWS, BATCH_BYTES // row_size))
         # Serialize the values every row shares once; only the user id differs per row.
-        shared = ps.bind((user_ids[0], item.created_at, item.event_id, item.author_id,
-                          item.direct, blob, ttl_s)).values[1:]
-        batches = []
-        for group in self._by_replicas(user_ids).values():
-            for start in range(0, len(group), per_batch):
-                rows = group[start:start + per_batch]
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                # The first row through the public API sets the batch's routing key; the
-                # rest reuse the serialized shared values (binding every row again costs
-                # more than the write itself on the client).
-                batch.add(ps, (rows[0], item.created_at, item.event_id, item.author_id,
-                               item.direct, blob, ttl_s))
-                for user_id in rows[1:]:
-                    batch._add_statement_and_params(True, ps.query_id,
-                                                    [user_id.encode(), *shared])
-                batches.append(batch)
-        await asyncio.gather(*(self._send(b) for b in batches))
+        shared = self._ps["write_inbox"].bind(params).values[1:]
+        chunks = [group[start:start + per_batch]
+                  for group in self._by_replicas(user_ids).values()
+                  for start in range(0, len(group), per_batch)]
+        await asyncio.gather(*(self._send_rows(rows, params, shared) for rows in chunks))
 
-    async def _send(self, statement: BatchStatement) -> None:
-        async with self._limit:
-            await _wait(self.session.execute_async(statement))
+    async def _send_rows(self, rows: Sequence[str], params: tuple[Any, ...],
+                         shared: list[bytes]) -> None:
+        ps = self._ps["write_inbox"]
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        # The first row goes through the public API (it sets the routing key); the others
+        # reuse the serialized shared values: binding every row again costs the client
+        # more than Cassandra spends writing it.
+        batch.add(ps, (rows[0], *params[1:]))
+        for user_id in rows[1:]:
+            batch._add_statement_and_params(True, ps.query_id, [user_id.encode(), *shared])
+        try:
+            async with self._limit:
+                await _wait(self.session.execute_async(batch))
+        except InvalidRequest as exc:
+            if "Batch too large" not in str(exc) or len(rows) == 1:
+                raise PermanentError(f"cassandra refused an inbox write: {exc}") from exc
+            half = len(rows) // 2
+            await asyncio.gather(self._send_rows(rows[:half], params, shared),
+                                 self._send_rows(rows[half:], params, shared))
 
     def _by_replicas(self, user_ids: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
         """Group partition keys by the replica set that owns them."""
