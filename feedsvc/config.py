@@ -122,6 +122,8 @@ _VARS: tuple[_Var, ...] = (
          "idle time after which a dead consumer's entries are reclaimed (default 60s)"),
     _Var("max_pull_authors", "FEEDSVC_MAX_PULL_AUTHORS", _positive_int,
          "celebrities pulled per inbox read (default 100)"),
+    _Var("pull_set_ttl", "FEEDSVC_PULL_SET_TTL", parse_duration,
+         "how long a process reuses the set of pull authors (default 1s; 0 = every read)"),
     _Var("fanout_concurrency", "FEEDSVC_FANOUT_CONCURRENCY", _positive_int,
          "inbox writes in flight per fan-out (default 256)"),
     _Var("inbox_trim_every", "FEEDSVC_INBOX_TRIM_EVERY", _non_negative_int,
@@ -149,6 +151,7 @@ class Settings:
     low_max_age: float = 3600.0
     claim_idle: float = 60.0
     max_pull_authors: int = 100
+    pull_set_ttl: float = 1.0
     fanout_concurrency: int = 256
     # One inbox write in N checks the cap (0: inbox_max // 2).
     inbox_trim_every: int = 0

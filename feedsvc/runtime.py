@@ -10,11 +10,26 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from feedsvc.config import Settings
 from feedsvc.queue.base import Queue
 from feedsvc.store.base import Store
+
+
+class PullSetCache:
+    """The set of pull authors, reused for ``ttl`` seconds by this process's reads."""
+
+    def __init__(self) -> None:
+        self.value: dict[str, int] = {}
+        self.expires = 0.0
+
+    async def get(self, store: Store, ttl: float) -> dict[str, int]:
+        now = time.monotonic()
+        if ttl <= 0 or now >= self.expires:
+            self.value = await store.pull_authors()
+            self.expires = now + ttl
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -22,6 +37,7 @@ class Runtime:
     settings: Settings
     store: Store
     queue: Queue
+    pull_set: PullSetCache = field(default_factory=PullSetCache)
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)

@@ -1,10 +1,11 @@
 """Read merge: one user's inbox page plus pulls of the celebrities they follow.
 
-``read_inbox`` costs one inbox query, one query for the set of pull authors, one to learn
-which of them the reader follows, and one query per followed celebrity (at most
-``FEEDSVC_MAX_PULL_AUTHORS``, the most recently active first; past the cap the least
-recently active are left out of that read), all issued concurrently. Further queries run
-only when filtering leaves a page short.
+``read_inbox`` costs one query for the reader's following list (when it holds at most
+1,000 authors; longer lists are checked with IN queries) alongside the set of pull authors
+(cached per process for ``FEEDSVC_PULL_SET_TTL``), then one inbox query and one query per
+followed celebrity (at most ``FEEDSVC_MAX_PULL_AUTHORS``, the most recently active first;
+past the cap the least recently active are left out of that read), issued concurrently.
+Further queries run only when filtering leaves a page short.
 
 Order is (created_at desc, event_id desc). Each item is emitted at most once: the same
 event from the inbox and from a pull is one item; items sharing a non-null ``object_id``
@@ -32,6 +33,7 @@ from feedsvc.runtime import Runtime
 
 Via = Literal["push", "pull"]
 MAX_CURSOR_OBJECTS = 100
+FOLLOWING_SET_MAX = 1_000  # readers following more are checked with IN queries instead
 
 
 class Cursor(msgspec.Struct, array_like=True, frozen=True):
@@ -129,10 +131,21 @@ async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | Non
     since = rt.now_ms() - rt.settings.retention_ms
     start = cursor.position if cursor else None
 
-    pulls = await store.pull_authors()
+    # Who the reader follows, in one query when the list is short (most readers): it
+    # answers both "which celebrities to pull" and "which inbox authors are unfollowed".
+    pulls, (following, more) = await asyncio.gather(
+        rt.pull_set.get(store, rt.settings.pull_set_ttl),
+        store.following_page(user_id, None, FOLLOWING_SET_MAX),
+    )
+    known: set[str] | None = set(following) if more is None else None
+
+    async def followed(authors: list[str]) -> set[str]:
+        if known is not None:
+            return {a for a in authors if a in known}
+        return await store.following_subset(user_id, authors) if authors else set()
+
     candidates = [a for a in pulls if a != user_id]
-    followed = await store.following_subset(user_id, candidates) if candidates else set()
-    celebrities = sorted(followed, key=lambda a: (pulls[a], a), reverse=True)
+    celebrities = sorted(await followed(candidates), key=lambda a: (pulls[a], a), reverse=True)
     celebrities = celebrities[: rt.settings.max_pull_authors]
 
     async def inbox_batch(
@@ -141,7 +154,7 @@ async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | Non
         rows = await store.read_inbox(user_id, position, n)
         # Unfollowed authors leave the inbox at once: filter here, the unmerge job deletes.
         authors = {r.author_id for r in rows if not r.direct and r.author_id != user_id}
-        kept = await store.following_subset(user_id, list(authors)) if authors else set()
+        kept = await followed(list(authors))
         visible = [r for r in rows if r.direct or r.author_id == user_id or r.author_id in kept]
         return visible, _continuation(rows, n)
 

@@ -278,7 +278,7 @@ async def bench_latency(rt: Runtime, url: str, sizes: Sequence[int], samples: in
 
 # --- 4. strategies -----------------------------------------------------------------------
 
-STRATEGIES = {"hybrid": THRESHOLD, "push": 10**9, "pull": 0}
+STRATEGIES = {"hybrid": THRESHOLD, "push": 10**9, "pull": 0}  # celebrity thresholds
 
 
 def strategy_graph(mega: int, celebrities: int, celebrity_followers: int, readers: int,
@@ -311,13 +311,16 @@ async def consume(rt: Runtime) -> int:
 
 
 async def bench_strategies(env: Env, quick: bool) -> list[dict[str, Any]]:
-    mega = 100_000 if quick else 1_000_000
-    celebrities, celeb_followers = 30, THRESHOLD
+    # The quick run scales the graph down tenfold, threshold included.
+    base = THRESHOLD // 10 if quick else THRESHOLD
+    mega = 20_000 if quick else 1_000_000
+    celebrities, celeb_followers = 30, base
     readers, normal_authors = (20, 100) if quick else (50, 400)
     posts_per_author = 2 if quick else 3
     read_s = 4.0 if quick else 10.0
     results = []
-    for name, threshold in STRATEGIES.items():
+    for name, full_threshold in STRATEGIES.items():
+        threshold = base if name == "hybrid" else full_threshold
         keyspace = f"feedsvc_bench_{name}"
         await fresh_keyspace(env, keyspace)
         settings = env.settings(keyspace, f"bench-{name}", threshold)

@@ -93,7 +93,7 @@ async def redis_client(endpoints: Endpoints, prefix: str) -> AsyncIterator[aiore
 def base_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "service_keys": (SERVICE_KEY,), "jwt_secret": JWT_SECRET, "celebrity_threshold": 10,
-        "claim_idle": 2.0, "inbox_trim_every": 1,
+        "claim_idle": 2.0, "inbox_trim_every": 1, "pull_set_ttl": 0.0,
     }
     values.update(overrides)
     return Settings(**values)

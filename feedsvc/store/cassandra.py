@@ -233,17 +233,15 @@ class CassandraStore:
                 prepared.fetch_size = None
             self._ps[name] = prepared
 
-    async def _q(self, name: str, *params: Any) -> list[Any]:
+    async def _q(self, name: str, *params: Any, profile: str = "default") -> list[Any]:
+        """Run a prepared statement; ``profile=TUPLES`` returns plain tuples (hot reads)."""
         try:
             async with self._limit:
-                return await _wait(self.session.execute_async(self._ps[name], params))
+                return await _wait(self.session.execute_async(
+                    self._ps[name], params, execution_profile=(
+                        TUPLES if profile == TUPLES else EXEC_PROFILE_DEFAULT)))
         except RequestValidationException as exc:
             raise PermanentError(f"cassandra refused {name}: {exc}") from exc
-
-    async def _q_tuples(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
-        async with self._limit:
-            return await _wait(self.session.execute_async(self._ps[name], params,
-                                                          execution_profile=TUPLES))
 
     async def ping(self) -> None:
         try:
@@ -292,21 +290,34 @@ class CassandraStore:
         if newest < oldest:
             return []
         buckets = list(range(newest, oldest - 1, -1))
+        # Most reads are served by the newest two days; only a sparse author needs the
+        # second query over the rest of the retained buckets.
+        items = await self._author_events(author_id, buckets[:2], before, limit, since_ms)
+        if len(items) < limit and len(buckets) > 2:
+            if items:
+                before = Position(items[-1].created_at, items[-1].event_id)
+            items += await self._author_events(author_id, buckets[2:], before,
+                                               limit - len(items), since_ms)
+        return items
+
+    async def _author_events(self, author_id: str, buckets: list[int], before: Position | None,
+                             limit: int, since_ms: int) -> list[InboxItem]:
         if before is None:
-            rows = await self._q("author_events", author_id, buckets, since_ms, limit)
+            rows = await self._q("author_events", author_id, buckets, since_ms, limit,
+                                 profile=TUPLES)
         else:
             rows = await self._q(
                 "author_events_before", author_id, buckets, before.created_at,
-                before.event_id, since_ms, limit,
+                before.event_id, since_ms, limit, profile=TUPLES,
             )
-        return [_item_decoder.decode(r.item) for r in rows]
+        return [_item_decoder.decode(r[0]) for r in rows]
 
     async def touch_pull_author(self, author_id: str, ttl_s: int) -> None:
         await self._q("touch_pull", _PULL_SHARD, author_id, _now_ms(), ttl_s)
 
     async def pull_authors(self) -> dict[str, int]:
-        rows = await self._q("pull_authors", _PULL_SHARD)
-        return {r.author_id: r.last_pull for r in rows}
+        rows = await self._q("pull_authors", _PULL_SHARD, profile=TUPLES)
+        return {author: last for author, last in rows}
 
     # --- inboxes -----------------------------------------------------------------------
 
@@ -363,12 +374,13 @@ class CassandraStore:
         self, user_id: str, before: Position | None, limit: int
     ) -> list[InboxItem]:
         if before is None:
-            rows = await self._q("read_inbox", user_id, limit)
+            rows = await self._q("read_inbox", user_id, limit, profile=TUPLES)
         else:
             rows = await self._q(
-                "read_inbox_before", user_id, before.created_at, before.event_id, limit
+                "read_inbox_before", user_id, before.created_at, before.event_id, limit,
+                profile=TUPLES,
             )
-        return [_item_decoder.decode(r.item) for r in rows]
+        return [_item_decoder.decode(r[0]) for r in rows]
 
     async def delete_inbox_author(self, user_id: str, author_id: str) -> int:
         rows = await self._q("inbox_keys", user_id)
@@ -414,9 +426,9 @@ class CassandraStore:
         ids = list(dict.fromkeys(author_ids))
         chunks = [ids[i:i + 100] for i in range(0, len(ids), 100)]
         results = await asyncio.gather(
-            *(self._q("following_subset", user_id, chunk) for chunk in chunks)
+            *(self._q("following_subset", user_id, chunk, profile=TUPLES) for chunk in chunks)
         )
-        return {r.author_id for rows in results for r in rows}
+        return {r[0] for rows in results for r in rows}
 
     async def followers_page(
         self, author_id: str, after: str | None, limit: int
@@ -428,7 +440,8 @@ class CassandraStore:
         out: list[str] = []
         while shard < FOLLOWER_SHARDS and len(out) < limit:
             want = limit - len(out)
-            rows = await self._q_tuples("followers_page", author_id, shard, last, want)
+            rows = await self._q("followers_page", author_id, shard, last, want,
+                                 profile=TUPLES)
             out.extend(r[0] for r in rows)
             if len(rows) == want:
                 return out, f"{shard}:{out[-1]}"
@@ -438,8 +451,9 @@ class CassandraStore:
     async def following_page(
         self, user_id: str, after: str | None, limit: int
     ) -> tuple[list[str], str | None]:
-        rows = await self._q("following_page", user_id, after or "", limit + 1)
-        ids = [r.author_id for r in rows]
+        rows = await self._q("following_page", user_id, after or "", limit + 1,
+                             profile=TUPLES)
+        ids = [r[0] for r in rows]
         more = len(ids) > limit
         ids = ids[:limit]
         return ids, (ids[-1] if more else None)
