@@ -93,16 +93,12 @@ async def deliver_push(rt: Runtime, item: InboxItem, ttl: int) -> int:
             room.release()
 
     try:
-        after: str | None = None
-        while True:
+        async for page in rt.store.follower_pages(item.author_id, FOLLOWER_PAGE):
             await room.acquire()
             for done in (w for w in writes if w.done()):
                 done.result()  # surface a failed page now, not after the last one
-            page, after = await rt.store.followers_page(item.author_id, after, FOLLOWER_PAGE)
             writes.append(asyncio.ensure_future(write_page(page)))
             written += len(page)
-            if after is None:
-                break
         await asyncio.gather(*writes)
     except BaseException:
         for w in writes:

@@ -317,7 +317,7 @@ async def bench_strategies(env: Env, quick: bool) -> list[dict[str, Any]]:
     celebrities, celeb_followers = 30, base
     readers, normal_authors = (20, 100) if quick else (50, 400)
     posts_per_author = 2 if quick else 3
-    read_s = 4.0 if quick else 10.0
+    read_s = 2.5 if quick else 10.0
     results = []
     for name, full_threshold in STRATEGIES.items():
         threshold = base if name == "hybrid" else full_threshold
@@ -439,7 +439,7 @@ async def run(env: Env, quick: bool, out: Path, sections: set[str]) -> dict[str,
         result["ceilings"] = {
             "cassandra": await asyncio.to_thread(
                 ceilings.cassandra_insert_ceiling, env.hosts, keyspace,
-                rows=100_000 if quick else 300_000, processes=(1, 2)),
+                rows=50_000 if quick else 300_000, processes=(1, 2)),
             "redis": await asyncio.to_thread(
                 ceilings.redis_ceilings, int(env.redis_url.rsplit(":", 1)[1].split("/")[0]),
                 50_000 if quick else 200_000),

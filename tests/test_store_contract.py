@@ -99,6 +99,9 @@ async def test_follow_graph_counts_and_pages(runtime: Runtime, prefix: str) -> N
         if after is None:
             break
     assert sorted(seen) == fans
+    pages = [page async for page in store.follower_pages(author, 100)]
+    assert all(0 < len(page) <= 100 for page in pages)
+    assert sorted(f for page in pages for f in page) == fans
     assert await store.unfollow(fans[0], author)
     assert not await store.unfollow(fans[0], author)
     assert await store.counts(author) == (2344, 0)

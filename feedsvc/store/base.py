@@ -7,7 +7,7 @@ repeat is an upsert on a key the retry reproduces, so at-least-once work never d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from feedsvc.model import Event, InboxItem, Mode, Position
@@ -74,6 +74,10 @@ class Store(Protocol):
         self, author_id: str, after: str | None, limit: int
     ) -> tuple[list[str], str | None]:
         """One page of followers and an opaque continuation (None at the end)."""
+
+    def follower_pages(self, author_id: str, page_size: int) -> AsyncIterator[list[str]]:
+        """Every follower once, in pages of at most ``page_size``, in no particular order
+        (fan-out's reader: shards are read concurrently where the store has them)."""
 
     async def following_page(
         self, user_id: str, after: str | None, limit: int

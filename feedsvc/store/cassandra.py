@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
@@ -447,6 +447,23 @@ class CassandraStore:
                 return out, f"{shard}:{out[-1]}"
             shard, last = shard + 1, ""
         return out, None
+
+    async def follower_pages(self, author_id: str, page_size: int) -> AsyncIterator[list[str]]:
+        """All shards are read at once, each paged on its own: a small author's followers
+        arrive in one round trip, a large author's in rounds of one page per shard."""
+        last = {shard: "" for shard in range(FOLLOWER_SHARDS)}
+        while last:
+            shards = list(last)
+            results = await asyncio.gather(*(
+                self._q("followers_page", author_id, shard, last[shard], page_size,
+                        profile=TUPLES) for shard in shards))
+            for shard, rows in zip(shards, results, strict=True):
+                if len(rows) < page_size:
+                    del last[shard]
+                else:
+                    last[shard] = rows[-1][0]
+                if rows:
+                    yield [r[0] for r in rows]
 
     async def following_page(
         self, user_id: str, after: str | None, limit: int

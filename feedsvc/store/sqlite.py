@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -304,6 +304,15 @@ class SqliteStore:
             "SELECT user_id FROM follows WHERE author_id = ? AND user_id > ? "
             "ORDER BY user_id LIMIT ?", author_id, after, limit,
         )
+
+    async def follower_pages(self, author_id: str, page_size: int) -> AsyncIterator[list[str]]:
+        after: str | None = None
+        while True:
+            page, after = await self.followers_page(author_id, after, page_size)
+            if page:
+                yield page
+            if after is None:
+                return
 
     async def following_page(
         self, user_id: str, after: str | None, limit: int
