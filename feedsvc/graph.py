@@ -35,6 +35,10 @@ async def refresh_mode(rt: Runtime, author_id: str) -> Mode:
     mode = next_mode(current, followers, rt.settings.celebrity_threshold)
     if mode != current:
         await rt.store.set_mode(author_id, mode)
+        if mode == "pull":
+            # New followers get no backfill from here on: readers must pull this author's
+            # retained events at once, before its first pull-routed event.
+            await rt.store.touch_pull_author(author_id, rt.settings.retention_ms // 1000)
     return mode
 
 

@@ -56,7 +56,10 @@ def decode_json(raw: bytes, into: Any = Any) -> Any:
     try:
         return msgspec.json.decode(raw, type=into)
     except msgspec.ValidationError:
-        raise
+        if into is not Any:
+            raise  # the JSON is fine, its shape is not: the caller says which field
+        raise InvalidRequest("body is not valid JSON (a number out of range?)",
+                             code="invalid_json") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:
@@ -158,7 +161,10 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
         accepted_at=now, body_hash=body_hash, object_id=incoming.object_id,
         audience=list(dict.fromkeys(incoming.audience.users)) if incoming.audience else None,
     )
-    ttl = rt.ttl_left_s(created_at)
+    ttl = (created_at + rt.settings.retention_ms - now) // 1000
+    if ttl < 1:
+        raise Unprocessable("created_at is older than the inbox retention", code="too_old",
+                            field="created_at")
     existing = await rt.store.insert_event(event, ttl)
     if existing is None:
         await _publish(rt, event, ttl)
@@ -177,7 +183,12 @@ async def _publish(rt: Runtime, event: Event, ttl: int) -> None:
         # Direct events never enter the author's public partition.
         await rt.store.put_author_event(InboxItem.of(event), ttl)
     if event.route == "pull":
-        await rt.store.touch_pull_author(event.author_id, rt.settings.retention_ms // 1000)
+        # Readers pull this author for as long as this event is retained (it may be dated
+        # a little into the future).
+        await rt.store.touch_pull_author(
+            event.author_id, max(rt.settings.retention_ms // 1000, ttl))
     await rt.queue.enqueue(event.priority, Envelope(FanoutTask(event), rt.now_ms()))
-    await rt.store.mark_enqueued(event.event_id, ttl)
+    # The flag must not outlive the event row: its TTL is counted from now, not from the
+    # start of the request.
+    await rt.store.mark_enqueued(event.event_id, max(1, rt.ttl_left_s(event.created_at)))
 

@@ -460,7 +460,8 @@ async def test_hostile_inputs_are_4xx_never_5xx(make_api: MakeApi) -> None:
     c, user = api.client, api.user("reader")
     nested = b'{"event_id": "n", "author_id": "a", "kind": "k", "payload": ' + \
         b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}"
-    for raw in (nested, b"[" * 5000 + b"]" * 5000, b'"\\ud800"', b"\xff\xfe"):
+    huge = b'{"event_id": "h", "author_id": "a", "kind": "k", "payload": {"x": 1e400}}'
+    for raw in (nested, huge, b"[" * 5000 + b"]" * 5000, b'"\\ud800"', b"\xff\xfe"):
         response = await c.post("/v1/events", data=raw, headers=api.service)
         assert response.status == 400, raw[:40]
         response = await c.post("/v1/follows/bulk", data=raw, headers=api.service)
@@ -495,3 +496,19 @@ async def test_cassandra_rows_carry_the_retention_ttl(make_api: MakeApi) -> None
         store.session.execute,
         f"SELECT TTL(item) AS ttl FROM {ks}.inbox_by_user WHERE user_id = %s", (fan,))).one()
     assert 86_400 - 120 < row.ttl <= 86_400
+
+
+async def test_new_followers_of_a_fresh_celebrity_see_its_events_at_once(
+    make_api: MakeApi,
+) -> None:
+    api = await make_api(celebrity_threshold=3)
+    author = api.user("author")
+    early = [api.user("e1"), api.user("e2")]
+    await api.bulk([(u, author) for u in early])
+    events = [await api.post_ok(author) for _ in range(3)]  # push: 2 followers
+    await api.drain()
+    late = api.user("late")
+    await api.follow(late, author)  # the 3rd follower: now pull, so no backfill
+    assert set(await api.inbox_ids(late)) == set(events)
+    for user in early:
+        assert await api.inbox_ids(user) == list(reversed(events))

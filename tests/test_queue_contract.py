@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from feedsvc.model import BackfillTask, Envelope, Priority
+from feedsvc.queue.redis import RedisQueue
 from feedsvc.runtime import Runtime
 from tests.conftest import MakeRuntime
 
@@ -72,3 +75,17 @@ async def test_blocking_claim_wakes_on_enqueue(runtime: Runtime) -> None:
     delivery = await asyncio.wait_for(waiter, 5.0)
     assert delivery is not None and tag_of(delivery.envelope) == "wake"
     await runtime.queue.ack(delivery)
+
+
+@pytest.mark.parametrize("make_runtime", ["cassandra"], indirect=True)
+async def test_unreadable_redis_entry_goes_to_the_dead_letters(make_runtime: MakeRuntime) -> None:
+    rt = await make_runtime()
+    queue = rt.queue
+    assert isinstance(queue, RedisQueue)
+    await queue.redis.xadd(queue.streams["high"], {b"e": b"\xc1 not msgpack"})
+    await queue.enqueue("high", envelope("good", rt.now_ms()))
+    delivery = await queue.claim("c", 0.05)
+    assert delivery is not None and tag_of(delivery.envelope) == "good"
+    await queue.ack(delivery)
+    stats = await queue.stats()
+    assert stats.dead_letters == 1 and stats.depth["high"] == 0

@@ -85,6 +85,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         log.warning("dependency unavailable: %s", exc)
         return error_response(503, "unavailable", "a dependency is unavailable; retry",
                               headers={"Retry-After": "1"})
+    except msgspec.MsgspecError as exc:  # a decoding path that missed its own mapping
+        return error_response(400, "invalid_request", f"request could not be decoded: {exc}")
     except PermanentError:
         log.exception("request failed permanently")
         return error_response(500, "internal_error", "the request could not be completed")

@@ -82,14 +82,30 @@ class RedisQueue:
             raise RetryableError(f"redis: {exc}") from exc
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
-    def _deliveries(self, priority: Priority, entries: list[Any]) -> list[Delivery]:
+    async def _deliveries(self, priority: Priority, entries: list[Any]) -> list[Delivery]:
         out = []
         for entry_id, fields in entries:
             if not fields:  # deleted while pending
                 continue
             eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-            out.append(Delivery(priority, eid, decode_envelope(fields[_FIELD])))
+            try:
+                out.append(Delivery(priority, eid, decode_envelope(fields[_FIELD])))
+            except (KeyError, msgspec.DecodeError) as exc:
+                await self._dead_letter_raw(priority, eid, fields, repr(exc))
         return out
+
+    async def _dead_letter_raw(self, priority: Priority, entry_id: str,
+                               fields: dict[bytes, bytes], detail: str) -> None:
+        """An entry no version of the code can read (say, after an incompatible deploy):
+        kept as it is in the dead-letter stream with reason ``poison``, then removed."""
+        stream = self.streams[priority]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dlq, {b"raw": msgspec.msgpack.encode(
+                {"entry_id": entry_id, "priority": priority, "reason": "poison",
+                 "detail": detail[:1000], "fields": fields})})
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
 
     async def claim(self, consumer: str, block_s: float) -> Delivery | None:
         try:
@@ -101,8 +117,9 @@ class RedisQueue:
         buffer = self._buffer.setdefault(consumer, [])
         deadline = time.monotonic() + block_s
         while True:
-            if not buffer:
-                await self._fill(consumer, buffer, deadline - time.monotonic())
+            read_any = True
+            while not buffer and read_any:  # unreadable entries are dead-lettered: read on
+                read_any = await self._fill(consumer, buffer, deadline - time.monotonic())
             if not buffer:
                 return None
             buffer.sort(key=lambda d: PRIORITIES.index(d.priority))
@@ -111,9 +128,9 @@ class RedisQueue:
                 return delivery
             await self.shed(delivery)
 
-    async def _fill(self, consumer: str, buffer: list[Delivery], block_s: float) -> None:
+    async def _fill(self, consumer: str, buffer: list[Delivery], block_s: float) -> bool:
         """Reclaim idle entries of dead consumers, else read new entries by priority,
-        else block on all streams for up to ``block_s``."""
+        else block on all streams for up to ``block_s``. True when any entry was read."""
         now = time.monotonic()
         if now - self._last_reclaim.get(consumer, 0.0) >= self.claim_idle_ms / 2000:
             self._last_reclaim[consumer] = now
@@ -122,16 +139,16 @@ class RedisQueue:
                     self.streams[priority], GROUP, consumer,
                     min_idle_time=self.claim_idle_ms, start_id="0-0", count=16,
                 )
-                buffer.extend(self._deliveries(priority, reply[1]))
+                buffer.extend(await self._deliveries(priority, reply[1]))
             if buffer:
-                return
+                return True
         for priority in PRIORITIES:
             read: Any = await self.redis.xreadgroup(
                 GROUP, consumer, {self.streams[priority]: ">"}, count=1
             )
             if read:
-                buffer.extend(self._deliveries(priority, read[0][1]))
-                return
+                buffer.extend(await self._deliveries(priority, read[0][1]))
+                return True
         if block_s > 0:
             blocked: Any = await self.redis.xreadgroup(
                 GROUP, consumer, {s: ">" for s in self.streams.values()}, count=1,
@@ -140,7 +157,9 @@ class RedisQueue:
             by_stream = {v: k for k, v in self.streams.items()}
             for stream, entries in blocked or []:
                 name = stream.decode() if isinstance(stream, bytes) else stream
-                buffer.extend(self._deliveries(by_stream[name], entries))
+                buffer.extend(await self._deliveries(by_stream[name], entries))
+            return bool(blocked)
+        return False
 
     def _expired(self, delivery: Delivery) -> bool:
         return (delivery.priority == "low"
@@ -175,7 +194,7 @@ class RedisQueue:
         except RedisError as exc:
             raise RetryableError(f"redis: {exc}") from exc
         decoder = msgspec.msgpack.Decoder(DeadLetter)
-        return [decoder.decode(fields[_FIELD]) for _, fields in entries]
+        return [decoder.decode(fields[_FIELD]) for _, fields in entries if _FIELD in fields]
 
     async def stats(self) -> QueueStats:
         try:

@@ -47,6 +47,7 @@ BATCH_BYTES = 24_000
 ROW_OVERHEAD = 128  # clustering, cell metadata, TTL and timestamps per row
 BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
 _PULL_SHARD = 0
+_UNPAGED = {"pull_authors", "inbox_keys", "inbox_positions"}
 
 _item_encoder = msgspec.msgpack.Encoder()
 _item_decoder = msgspec.msgpack.Decoder(InboxItem)
@@ -228,8 +229,9 @@ class CassandraStore:
         }
         for name, cql in statements.items():
             prepared = self.session.prepare(cql)
-            if name.startswith("author_events"):
-                # ORDER BY with IN on the partition key needs paging off; LIMIT bounds it.
+            if name.startswith("author_events") or name in _UNPAGED:
+                # Read whole: ORDER BY with IN on the partition key needs paging off (LIMIT
+                # bounds it), and these results are used in full (``_wait`` reads one page).
                 prepared.fetch_size = None
             self._ps[name] = prepared
 
@@ -255,10 +257,13 @@ class CassandraStore:
     # --- events ------------------------------------------------------------------------
 
     async def insert_event(self, event: Event, ttl_s: int) -> Event | None:
-        rows = await self._q("insert_event", event.event_id, _item_encoder.encode(event), ttl_s)
+        rows = await self._q("insert_event", event.event_id, _item_encoder.encode(event),
+                             max(1, ttl_s))
         row = rows[0]
         if row.applied:
             return None
+        if row.body is None:  # the row is expiring this very second: let the client retry
+            raise RetryableError(f"event {event.event_id} is expiring; retry")
         return _event_decoder.decode(row.body)
 
     async def mark_enqueued(self, event_id: str, ttl_s: int) -> None:
