@@ -34,7 +34,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "FEEDSVC_CLAIM_IDLE": str(settings.claim_idle),
         "FEEDSVC_CELEBRITY_THRESHOLD": str(settings.celebrity_threshold),
         # Few writes in flight, so the kill lands mid fan-out.
-        "FEEDSVC_FANOUT_CONCURRENCY": "2",
+        "FEEDSVC_FANOUT_CONCURRENCY": "1",
     })
     if not settings.embedded:
         env["FEEDSVC_CASSANDRA_HOSTS"] = ",".join(settings.cassandra_hosts)
