@@ -25,7 +25,6 @@ MAX_FUTURE_MS = 5 * 60 * 1000
 BACKFILL_EVENTS = 20
 FOLLOWER_PAGE = 1_000
 EVENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-USER_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,64}$"
 
 
 class Audience(msgspec.Struct, forbid_unknown_fields=True):
@@ -87,10 +86,6 @@ class Position(msgspec.Struct, frozen=True, array_like=True):
 
     created_at: int
     event_id: str
-
-    def after(self, created_at: int, event_id: str) -> bool:
-        """True when (created_at, event_id) sorts strictly after (older than) this."""
-        return (created_at, event_id) < (self.created_at, self.event_id)
 
 
 # --- queue tasks -------------------------------------------------------------------------
