@@ -74,17 +74,23 @@ async def unfollow(rt: Runtime, user_id: str, author_id: str) -> bool:
     return changed
 
 
-async def follow_many(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> int:
-    """Apply many follows; returns how many edges were new."""
-    for user_id, author_id in pairs:
-        _check_pair(user_id, author_id)
+async def add_edges(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+    """Write follow edges, many at once (bounded); True for each edge that was new. Modes
+    are not re-evaluated here: callers do it once per author."""
     limit = asyncio.Semaphore(_BULK_CONCURRENCY)
 
     async def one(pair: tuple[str, str]) -> bool:
         async with limit:
             return await rt.store.follow(*pair)
 
-    changed = await asyncio.gather(*(one(p) for p in pairs))
+    return list(await asyncio.gather(*(one(p) for p in pairs)))
+
+
+async def follow_many(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> int:
+    """Apply many follows; returns how many edges were new."""
+    for user_id, author_id in pairs:
+        _check_pair(user_id, author_id)
+    changed = await add_edges(rt, pairs)
     modes: dict[str, Mode] = {}
     for author_id in dict.fromkeys(a for _, a in pairs):
         modes[author_id] = await refresh_mode(rt, author_id)

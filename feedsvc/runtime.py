@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from feedsvc.clock import now_ms
 from feedsvc.config import Settings
 from feedsvc.queue.base import Queue
 from feedsvc.store.base import Store
@@ -40,7 +41,7 @@ class Runtime:
     pull_set: PullSetCache = field(default_factory=PullSetCache)
 
     def now_ms(self) -> int:
-        return int(time.time() * 1000)
+        return now_ms()
 
     def ttl_left_s(self, created_at_ms: int) -> int:
         """Seconds of retention an item created at ``created_at_ms`` has left."""

@@ -8,7 +8,6 @@ the same graph. Writes through the store (idempotent follows), with a progress b
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import random
 from collections.abc import Iterator
@@ -16,11 +15,10 @@ from collections.abc import Iterator
 from tqdm import tqdm
 
 from feedsvc.config import Settings
-from feedsvc.graph import refresh_mode
+from feedsvc.graph import add_edges, refresh_mode
 from feedsvc.runtime import Runtime, open_runtime
 
 _CHUNK = 2_000
-_CONCURRENCY = 128
 
 
 def user_id(index: int) -> str:
@@ -49,18 +47,11 @@ def follow_pairs(users: int, follows_per_user: int, alpha: float,
 async def write_graph(rt: Runtime, pairs: Iterator[tuple[str, str]], total: int | None = None,
                       progress: bool = True) -> int:
     """Write follows through the store; returns how many edges were new."""
-    limit = asyncio.Semaphore(_CONCURRENCY)
     authors: set[str] = set()
     new = 0
-
-    async def one(pair: tuple[str, str]) -> bool:
-        async with limit:
-            return await rt.store.follow(*pair)
-
     with tqdm(total=total, unit="follow", disable=not progress) as bar:
         while chunk := list(itertools.islice(pairs, _CHUNK)):
-            results = await asyncio.gather(*(one(p) for p in chunk))
-            new += sum(results)
+            new += sum(await add_edges(rt, chunk))
             authors.update(a for _, a in chunk)
             bar.update(len(chunk))
     for author in authors:

@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -40,13 +39,14 @@ from feedsvc.auth import issue_token
 from feedsvc.config import Settings
 from feedsvc.migrate import migrate
 from feedsvc.model import FOLLOWER_PAGE, FanoutTask
-from feedsvc.queue.redis import RedisQueue
+from feedsvc.queue.redis import GROUP, RedisQueue
 from feedsvc.runtime import Runtime, open_runtime
 from feedsvc.seed import follow_pairs
 from feedsvc.store.cassandra import CassandraStore, connect_cluster
 from loadtest import ceilings
+from loadtest.ceilings import free_port
 from loadtest.graphload import load_edges
-from loadtest.httpload import RequestPlan, run_load_in_process
+from loadtest.httpload import RequestPlan, percentile, run_load_in_process
 from loadtest.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,21 +58,6 @@ PAYLOAD = {"text": "x" * 100}
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Env:
@@ -148,7 +133,7 @@ async def clear_queue(rt: Runtime) -> None:
     assert isinstance(rt.queue, RedisQueue)
     await rt.queue.redis.delete(*rt.queue.streams.values())
     for stream in rt.queue.streams.values():
-        await rt.queue.redis.xgroup_create(stream, "fanout", id="0", mkstream=True)
+        await rt.queue.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
 
 async def queue_depth(rt: Runtime) -> int:
@@ -268,8 +253,8 @@ async def bench_latency(rt: Runtime, url: str, sizes: Sequence[int], samples: in
             times.append((time.perf_counter() - accepted) * 1000)
             await asyncio.sleep(0.05)
         row = {"followers": size, "samples": samples,
-               "p50_ms": round(percentile(times, 50), 1),
-               "p99_ms": round(percentile(times, 99), 1),
+               "p50_ms": round(percentile(sorted(times), 50), 1),
+               "p99_ms": round(percentile(sorted(times), 99), 1),
                "max_ms": round(max(times), 1)}
         out.append(row)
         log(f"latency {label}, {size} followers: p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms")

@@ -45,7 +45,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -608,7 +608,7 @@ def aiohttp_noop_ceiling(
     """Requests/s of ``GET /noop`` on ``loadtest.noop_server`` (a subprocess on a free port)
     under ``run_load_in_process``; the LoadResult as a dict, plus the server's CPU use in
     percent of one core (median over 0.5 s samples while the load ran)."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/noop"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
@@ -634,7 +634,8 @@ def aiohttp_noop_ceiling(
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -807,30 +808,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: dict[str, Any] = {"machine": _machine(), "quick": args.quick, "settings": settings}
     failed = False
     began = time.monotonic()
-    if "cassandra" in only:
+    def cassandra() -> dict[str, Any]:
+        create_keyspace(hosts, args.keyspace)
+        return cassandra_insert_ceiling(hosts, args.keyspace,
+                                        rows=int(settings["cassandra_rows"]))
+
+    measurements: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
+        ("cassandra", "cassandra_insert", cassandra),
+        ("redis", "redis",
+         lambda: redis_ceilings(args.redis_port, int(settings["redis_requests"]))),
+        ("http", "aiohttp_noop", lambda: aiohttp_noop_ceiling(
+            int(settings["http_connections"]), float(settings["http_duration_s"]),
+            warmup_s=float(settings["http_warmup_s"]))),
+    ]
+    for name, key, measure in measurements:
+        if name not in only:
+            continue
         try:
-            create_keyspace(hosts, args.keyspace)
-            out["cassandra_insert"] = cassandra_insert_ceiling(
-                hosts, args.keyspace, rows=int(settings["cassandra_rows"]))
+            out[key] = measure()
         except Exception as exc:
-            log.exception("cassandra insert ceiling failed")
-            out["cassandra_insert"] = {"error": f"{type(exc).__name__}: {exc}"}
-            failed = True
-    if "redis" in only:
-        try:
-            out["redis"] = redis_ceilings(args.redis_port, int(settings["redis_requests"]))
-        except Exception as exc:
-            log.exception("redis ceilings failed")
-            out["redis"] = {"error": f"{type(exc).__name__}: {exc}"}
-            failed = True
-    if "http" in only:
-        try:
-            out["aiohttp_noop"] = aiohttp_noop_ceiling(
-                int(settings["http_connections"]), float(settings["http_duration_s"]),
-                warmup_s=float(settings["http_warmup_s"]))
-        except Exception as exc:
-            log.exception("aiohttp no-op ceiling failed")
-            out["aiohttp_noop"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log.exception("%s ceiling failed", name)
+            out[key] = {"error": f"{type(exc).__name__}: {exc}"}
             failed = True
     out["elapsed_s"] = round(time.monotonic() - began, 1)
     print(json.dumps(out, indent=2))

@@ -295,9 +295,9 @@ def _summarize(raws: Sequence[_Raw], *, connections: int) -> LoadResult:
         errors=errors,
         duration_s=round(duration, 3),
         rps=round((requests - errors) / duration, 1) if duration > 0 else 0.0,
-        p50_ms=_percentile(latencies, 50.0),
-        p95_ms=_percentile(latencies, 95.0),
-        p99_ms=_percentile(latencies, 99.0),
+        p50_ms=percentile(latencies, 50.0),
+        p95_ms=percentile(latencies, 95.0),
+        p99_ms=percentile(latencies, 99.0),
         max_ms=round(latencies[-1], 3) if latencies else 0.0,
         connections=connections,
         processes=len(raws),
@@ -307,7 +307,7 @@ def _summarize(raws: Sequence[_Raw], *, connections: int) -> LoadResult:
     )
 
 
-def _percentile(ordered: Sequence[float], pct: float) -> float:
+def percentile(ordered: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of an ascending sequence (0.0 when empty)."""
     if not ordered:
         return 0.0

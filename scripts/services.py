@@ -247,6 +247,17 @@ def log_excerpt(*paths: Path) -> str:
     return "\n".join(parts)
 
 
+def signal_and_wait(pids: list[int], sig: signal.Signals, wait_s: float) -> list[int]:
+    """Send ``sig`` to every pid, wait up to ``wait_s`` for them to exit; the survivors."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    return [pid for pid in pids if pid_alive(pid)]
+
+
 def port_in_use(port: int) -> bool:
     """True when something already listens on (or holds) 127.0.0.1:<port>."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -478,21 +489,10 @@ class Server:
 
     def _terminate(self, pids: list[int]) -> None:
         """SIGTERM, wait up to STOP_GRACE_S, then SIGKILL; fail if anything is left."""
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
-            time.sleep(0.2)
-        stubborn = [pid for pid in pids if pid_alive(pid)]
+        stubborn = signal_and_wait(pids, signal.SIGTERM, STOP_GRACE_S)
         if stubborn:
             say(f"{self.name} still running after {STOP_GRACE_S:.0f}s; sending SIGKILL")
-            for pid in stubborn:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + KILL_WAIT_S
-            while time.monotonic() < deadline and any(pid_alive(pid) for pid in stubborn):
-                time.sleep(0.2)
+            signal_and_wait(stubborn, signal.SIGKILL, KILL_WAIT_S)
         left = [pid for pid in pids if pid_alive(pid)] + [
             pid for pid in self.our_pids() if pid not in pids
         ]

@@ -6,6 +6,7 @@ it and ``feedsvc.api.openapi`` documents exactly these routes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from datetime import UTC, datetime
@@ -206,9 +207,7 @@ async def get_user(request: web.Request) -> web.Response:
 
 async def _counts_and_mode(request: web.Request, user_id: str) -> tuple[tuple[int, int], Mode]:
     store = request.app[RUNTIME].store
-    counts = await store.counts(user_id)
-    mode = await store.get_mode(user_id)
-    return counts, mode
+    return await asyncio.gather(store.counts(user_id), store.get_mode(user_id))
 
 
 async def get_followers(request: web.Request) -> web.Response:

@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
-from feedsvc.errors import RetryableError
+from feedsvc.clock import now_ms
 from feedsvc.model import PRIORITIES, Envelope, Priority, decode_envelope, encode_envelope
 from feedsvc.queue.base import DeadLetter, Delivery, QueueStats
-
-T = TypeVar("T")
+from feedsvc.sqlite_file import SqliteFile
 
 _SCHEMA = """
 PRAGMA journal_mode=WAL;
@@ -39,20 +35,16 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class EmbeddedQueue:
+class EmbeddedQueue(SqliteFile):
     """``Queue`` on SQLite; see the module docstring."""
+
+    SCHEMA = _SCHEMA
 
     def __init__(self, path: Path, *, claim_idle: float = 60.0,
                  low_max_age: float = 3600.0) -> None:
-        self.path = path
+        super().__init__(path)
         self.claim_idle_ms = int(claim_idle * 1000)
         self.low_max_age_ms = int(low_max_age * 1000)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedsvc-queue")
-        self._conn: sqlite3.Connection | None = None
         self._wakeup = asyncio.Event()
 
     @classmethod
@@ -62,32 +54,9 @@ class EmbeddedQueue:
         return queue
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.executescript(_SCHEMA)
-        conn.execute("UPDATE entries SET consumer = NULL, claimed_at = NULL")
-        self._conn = conn
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        assert self._conn is not None, "queue is not open"
-        return self._conn
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.OperationalError as exc:
-            raise RetryableError(f"sqlite queue: {exc}") from exc
-
-    async def ping(self) -> None:
-        await self._run(lambda: self.db.execute("SELECT 1").fetchone())
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            await self._run(self.db.close)
-            self._conn = None
-        self._executor.shutdown(wait=True)
+        super()._open()
+        # One process owns the file: claims left by a previous one are released at once.
+        self.db.execute("UPDATE entries SET consumer = NULL, claimed_at = NULL")
 
     async def enqueue(self, priority: Priority, envelope: Envelope) -> str:
         cur = await self._run(
@@ -98,7 +67,7 @@ class EmbeddedQueue:
         return str(cur.lastrowid)
 
     def _claim_one(self, consumer: str) -> Delivery | None:
-        now = _now_ms()
+        now = now_ms()
         with self.db:
             row = self.db.execute(
                 "SELECT id, priority, body FROM entries WHERE consumer IS NULL "
@@ -119,7 +88,7 @@ class EmbeddedQueue:
             delivery = await self._run(self._claim_one, consumer)
             if delivery is not None:
                 if (delivery.priority == "low"
-                        and _now_ms() - delivery.envelope.enqueued_at > self.low_max_age_ms):
+                        and now_ms() - delivery.envelope.enqueued_at > self.low_max_age_ms):
                     await self._run(self._bump, "shed")
                     await self.dead_letter(delivery, "shed", "older than FEEDSVC_LOW_MAX_AGE")
                     continue
@@ -144,7 +113,7 @@ class EmbeddedQueue:
 
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         record = DeadLetter(delivery.entry_id, delivery.priority, reason, detail[:1000],
-                            _now_ms(), delivery.envelope)
+                            now_ms(), delivery.envelope)
 
         def move() -> None:
             with self.db:

@@ -21,16 +21,13 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from feedsvc.clock import now_ms
 from feedsvc.errors import RetryableError
 from feedsvc.model import PRIORITIES, Envelope, Priority, decode_envelope, encode_envelope
 from feedsvc.queue.base import DeadLetter, Delivery, QueueStats
 
 GROUP = "fanout"
 _FIELD = b"e"
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class RedisQueue:
@@ -163,7 +160,7 @@ class RedisQueue:
 
     def _expired(self, delivery: Delivery) -> bool:
         return (delivery.priority == "low"
-                and _now_ms() - delivery.envelope.enqueued_at > self.low_max_age_ms)
+                and now_ms() - delivery.envelope.enqueued_at > self.low_max_age_ms)
 
     async def shed(self, delivery: Delivery) -> None:
         await self.redis.incr(self.shed_key)
@@ -181,7 +178,7 @@ class RedisQueue:
 
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         record = DeadLetter(delivery.entry_id, delivery.priority, reason, detail[:1000],
-                            _now_ms(), delivery.envelope)
+                            now_ms(), delivery.envelope)
         try:
             await self.redis.xadd(self.dlq, {_FIELD: msgspec.msgpack.encode(record)})
         except RedisError as exc:

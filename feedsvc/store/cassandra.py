@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from cassandra.cluster import (
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, tuple_factory
 
+from feedsvc.clock import now_ms
 from feedsvc.errors import PermanentError, RetryableError
 from feedsvc.model import MAX_FUTURE_MS, Event, InboxItem, Mode, Position
 
@@ -235,13 +235,13 @@ class CassandraStore:
                 prepared.fetch_size = None
             self._ps[name] = prepared
 
-    async def _q(self, name: str, *params: Any, profile: str = "default") -> list[Any]:
+    async def _q(self, name: str, *params: Any, profile: Any = EXEC_PROFILE_DEFAULT
+                 ) -> list[Any]:
         """Run a prepared statement; ``profile=TUPLES`` returns plain tuples (hot reads)."""
         try:
             async with self._limit:
                 return await _wait(self.session.execute_async(
-                    self._ps[name], params, execution_profile=(
-                        TUPLES if profile == TUPLES else EXEC_PROFILE_DEFAULT)))
+                    self._ps[name], params, execution_profile=profile))
         except RequestValidationException as exc:
             raise PermanentError(f"cassandra refused {name}: {exc}") from exc
 
@@ -289,7 +289,7 @@ class CassandraStore:
         oldest = bucket_of(since_ms)
         # Without a cursor start at the newest bucket that can hold data (intake accepts a
         # little clock skew into the future).
-        newest = bucket_of(_now_ms() + MAX_FUTURE_MS)
+        newest = bucket_of(now_ms() + MAX_FUTURE_MS)
         if before is not None:
             newest = min(newest, bucket_of(before.created_at))
         if newest < oldest:
@@ -318,7 +318,7 @@ class CassandraStore:
         return [_item_decoder.decode(r[0]) for r in rows]
 
     async def touch_pull_author(self, author_id: str, ttl_s: int) -> None:
-        await self._q("touch_pull", _PULL_SHARD, author_id, _now_ms(), ttl_s)
+        await self._q("touch_pull", _PULL_SHARD, author_id, now_ms(), ttl_s)
 
     async def pull_authors(self) -> dict[str, int]:
         rows = await self._q("pull_authors", _PULL_SHARD, profile=TUPLES)
@@ -492,7 +492,3 @@ class CassandraStore:
 
     async def set_mode(self, author_id: str, mode: Mode) -> None:
         await self._q("set_mode", author_id, mode)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -8,20 +8,15 @@ Retention is enforced by ``expires_at`` columns filtered on read and purged by `
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
-from feedsvc.errors import RetryableError
+from feedsvc.clock import now_ms
 from feedsvc.model import Event, InboxItem, Mode, Position
-
-T = TypeVar("T")
+from feedsvc.sqlite_file import SqliteFile
 
 _SCHEMA = """
 PRAGMA journal_mode=WAL;
@@ -51,17 +46,10 @@ _item_decoder = msgspec.msgpack.Decoder(InboxItem)
 _event_decoder = msgspec.msgpack.Decoder(Event)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class SqliteStore:
+class SqliteStore(SqliteFile):
     """``Store`` on one SQLite file; see the module docstring."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedsvc-sqlite")
-        self._conn: sqlite3.Connection | None = None
+    SCHEMA = _SCHEMA
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -69,38 +57,11 @@ class SqliteStore:
         await store._run(store._open)
         return store
 
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.executescript(_SCHEMA)
-        self._conn = conn
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.OperationalError as exc:
-            raise RetryableError(f"sqlite: {exc}") from exc
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        assert self._conn is not None, "store is not open"
-        return self._conn
-
-    async def ping(self) -> None:
-        await self._run(lambda: self.db.execute("SELECT 1").fetchone())
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            await self._run(self.db.close)
-            self._conn = None
-        self._executor.shutdown(wait=True)
-
     # --- events ------------------------------------------------------------------------
 
     async def insert_event(self, event: Event, ttl_s: int) -> Event | None:
         def insert() -> Event | None:
-            now = _now_ms()
+            now = now_ms()
             cur = self.db.execute(
                 "INSERT INTO events_by_id (event_id, body, expires_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (event_id) DO UPDATE SET body = excluded.body, enqueued = 0, "
@@ -126,7 +87,7 @@ class SqliteStore:
         row = await self._run(
             lambda: self.db.execute(
                 "SELECT enqueued FROM events_by_id WHERE event_id = ? AND expires_at > ?",
-                (event_id, _now_ms()),
+                (event_id, now_ms()),
             ).fetchone()
         )
         return bool(row and row[0])
@@ -135,7 +96,7 @@ class SqliteStore:
         row = await self._run(
             lambda: self.db.execute(
                 "SELECT body FROM events_by_id WHERE event_id = ? AND expires_at > ?",
-                (event_id, _now_ms()),
+                (event_id, now_ms()),
             ).fetchone()
         )
         return _event_decoder.decode(row[0]) if row else None
@@ -145,7 +106,7 @@ class SqliteStore:
             self.db.execute,
             "INSERT OR REPLACE INTO events_by_author VALUES (?, ?, ?, ?, ?)",
             (item.author_id, item.created_at, item.event_id, _item_encoder.encode(item),
-             _now_ms() + ttl_s * 1000),
+             now_ms() + ttl_s * 1000),
         )
 
     async def author_events(
@@ -156,7 +117,7 @@ class SqliteStore:
                 "SELECT item FROM events_by_author WHERE author_id = ? AND created_at >= ? "
                 "AND expires_at > ?"
             )
-            params: list[Any] = [author_id, since_ms, _now_ms()]
+            params: list[Any] = [author_id, since_ms, now_ms()]
             if before is not None:
                 sql += " AND (created_at, event_id) < (?, ?)"
                 params += [before.created_at, before.event_id]
@@ -167,7 +128,7 @@ class SqliteStore:
         return await self._run(query)
 
     async def touch_pull_author(self, author_id: str, ttl_s: int) -> None:
-        now = _now_ms()
+        now = now_ms()
         await self._run(
             self.db.execute,
             "INSERT INTO pull_authors VALUES (?, ?, ?) ON CONFLICT (author_id) DO UPDATE SET "
@@ -179,7 +140,7 @@ class SqliteStore:
         rows = await self._run(
             lambda: self.db.execute(
                 "SELECT author_id, last_pull FROM pull_authors WHERE expires_at > ?",
-                (_now_ms(),),
+                (now_ms(),),
             ).fetchall()
         )
         return {a: t for a, t in rows}
@@ -188,7 +149,7 @@ class SqliteStore:
 
     async def write_inbox(self, user_ids: Sequence[str], item: InboxItem, ttl_s: int) -> None:
         blob = _item_encoder.encode(item)
-        expires = _now_ms() + ttl_s * 1000
+        expires = now_ms() + ttl_s * 1000
         rows = [
             (u, item.created_at, item.event_id, item.author_id, int(item.direct), blob, expires)
             for u in user_ids
@@ -207,7 +168,7 @@ class SqliteStore:
     ) -> list[InboxItem]:
         def query() -> list[InboxItem]:
             sql = "SELECT item FROM inbox_by_user WHERE user_id = ? AND expires_at > ?"
-            params: list[Any] = [user_id, _now_ms()]
+            params: list[Any] = [user_id, now_ms()]
             if before is not None:
                 sql += " AND (created_at, event_id) < (?, ?)"
                 params += [before.created_at, before.event_id]
@@ -246,7 +207,7 @@ class SqliteStore:
         """Delete expired rows (the embedded stand-in for Cassandra's TTL)."""
 
         def purge() -> None:
-            now = _now_ms()
+            now = now_ms()
             with self.db:
                 for table in ("events_by_id", "events_by_author", "pull_authors",
                               "inbox_by_user"):
