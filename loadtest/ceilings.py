@@ -69,6 +69,7 @@ SOURCE_TABLE = "inbox_by_user"
 CEILING_TABLE = "inbox_ceiling_by_user"
 INBOX_TTL_S = 30 * 86_400  # feedsvc's default inbox retention
 SINGLE_IN_FLIGHT = 256  # single-row inserts in flight per process (feedsvc's fan-out default)
+SINGLE_MAX_ROWS = 150_000  # single rows run ~5x slower than batches: a reference, not a contender
 BATCH_IN_FLIGHT = 32  # batches in flight per process
 BATCH_SIZES = (16, 64, 128)
 # Rows are grouped by replica set a page at a time, like feedsvc's fan-out pages of 1,000
@@ -152,6 +153,7 @@ def cassandra_insert_ceiling(
     *,
     rows: int,
     payload_bytes: int = 120,
+    partitions: int = 0,
     processes: Sequence[int] = (1, 2),
 ) -> dict[str, Any]:
     """Inbox rows/s Cassandra takes from this machine, per write pattern.
@@ -161,17 +163,20 @@ def cassandra_insert_ceiling(
     sharing a replica set, ``BATCH_IN_FLIGHT`` in flight per process), each from every process
     count in ``processes`` (spawned processes, each with its own cluster connection and an equal
     share of the ``rows``; rate = rows written / wall time from the common start to the last
-    process done). Rows look like a fan-out: a distinct user_id each, one created_at, event_id,
-    author_id and ``payload_bytes`` item shared, written with a TTL; the shared values are
-    serialized once, as feedsvc does. Building the statements is part of the timed work. The
+    process done). Rows look like a fan-out: ``partitions`` users (0: a new user for every
+    row) each get one row per "event" (its own created_at and event_id), all rows of an event
+    share the author_id and a ``payload_bytes`` item, written with a TTL. As in feedsvc, the
+    values an event's rows share are serialized once and only the user id is added per row.
+    Building the statements is part of the timed work. The
     table is truncated before every pattern (after an untimed warm-up pass) and at the end, and
     each pattern starts once the machine is quiet again (``settle``).
 
     Returns ``{"patterns": {name: rows_per_s}, "best": {"pattern", "rows_per_s"}, "runs":
     {name: details}, ...}``; ``best`` prefers patterns that ran without errors.
     """
-    if rows < 1 or payload_bytes < 0 or not processes or min(processes) < 1:
-        raise ValueError("need rows >= 1, payload_bytes >= 0 and process counts >= 1")
+    if rows < 1 or payload_bytes < 0 or partitions < 0 or not processes or min(processes) < 1:
+        raise ValueError("need rows >= 1, payload_bytes >= 0, partitions >= 0 and process "
+                         "counts >= 1")
     table_info = _prepare_table(hosts, keyspace)
     shapes: list[tuple[str, int, int]] = [("single", 0, SINGLE_IN_FLIGHT)]
     shapes += [(f"batch{size}", size, BATCH_IN_FLIGHT) for size in BATCH_SIZES]
@@ -180,7 +185,8 @@ def cassandra_insert_ceiling(
     def run(batch_rows: int, in_flight: int, count: int, n_rows: int) -> dict[str, Any]:
         return _run_insert_pattern(
             hosts=tuple(hosts), keyspace=keyspace, batch_rows=batch_rows, in_flight=in_flight,
-            rows=n_rows, processes=count, payload_bytes=payload_bytes, created_at=created_at)
+            rows=n_rows, processes=count, payload_bytes=payload_bytes, partitions=partitions,
+            created_at=created_at)
 
     runs: dict[str, dict[str, Any]] = {}
     cluster, session = connect_cluster(hosts)
@@ -194,8 +200,9 @@ def cassandra_insert_ceiling(
                 name = f"{pattern}_{count}p"
                 _truncate(session, keyspace)
                 quiet = settle()
-                _progress(f"cassandra: {name}, {rows} rows")
-                runs[name] = run(batch_rows, in_flight, count, rows)
+                n_rows = rows if batch_rows else min(rows, SINGLE_MAX_ROWS)
+                _progress(f"cassandra: {name}, {n_rows} rows")
+                runs[name] = run(batch_rows, in_flight, count, n_rows)
                 runs[name]["settle"] = quiet
                 _progress(f"cassandra: {name} -> {runs[name]['rows_per_s']:.0f} rows/s "
                           f"(machine {runs[name]['machine_busy_pct']}% busy)")
@@ -212,6 +219,7 @@ def cassandra_insert_ceiling(
         "warmup": warmup,
         "rows_per_pattern": rows,
         "payload_bytes": payload_bytes,
+        "partitions": partitions or rows,
         "ttl_s": INBOX_TTL_S,
         "table": table_info,
     }
@@ -258,6 +266,7 @@ class _InsertJob:
     first_row: int
     rows: int
     payload_bytes: int
+    partitions: int  # 0: every row in its own partition
     created_at: int
     timeout_s: float
 
@@ -274,6 +283,7 @@ def _run_insert_pattern(
     rows: int,
     processes: int,
     payload_bytes: int,
+    partitions: int,
     created_at: int,
 ) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
@@ -284,7 +294,7 @@ def _run_insert_pattern(
     for k in range(processes):
         share = rows // processes + (k < rows % processes)
         jobs.append(_InsertJob(hosts, keyspace, batch_rows, in_flight, first, share,
-                               payload_bytes, created_at, timeout_s))
+                               payload_bytes, partitions, created_at, timeout_s))
         first += share
     workers = [
         ctx.Process(target=_insert_process, args=(job, start_line, results, k),
@@ -400,31 +410,41 @@ def _insert_process(
 
 
 def _statements(metadata: Any, prepared: Any, job: _InsertJob) -> Iterator[tuple[Any, int]]:
-    """(statement, rows in it) for the job's rows, built lazily (while the pump sends)."""
+    """(statement, rows in it) for the job's rows, built lazily (while the pump sends).
+
+    Row ``i`` goes to user ``i % partitions`` as part of event ``i // partitions``; rows are
+    taken a page (``FANOUT_PAGE``) at a time within an event, grouped by replica set and cut
+    into batches, the way feedsvc's fan-out writes a page of followers."""
     blob = bytes(i % 251 for i in range(job.payload_bytes))
-    # Serialize what every row shares once; only the user id (the partition key) differs.
-    template = prepared.bind(("", job.created_at, f"ceiling-{job.created_at}", "ceiling-author",
-                              False, blob, INBOX_TTL_S))
-    shared = template.values[1:]
-
-    def row(user_id: bytes) -> Any:
-        bound = BoundStatement(prepared)
-        bound.values = [user_id, *shared]
-        return bound
-
+    per_event = job.partitions or job.first_row + job.rows
     end = job.first_row + job.rows
-    for page_start in range(job.first_row, end, FANOUT_PAGE):
-        keys = [f"cu{i}".encode() for i in range(page_start, min(end, page_start + FANOUT_PAGE))]
+    start = job.first_row
+    while start < end:
+        event, offset = divmod(start, per_event)
+        stop = min(end, start + FANOUT_PAGE, (event + 1) * per_event)
+        created_at = job.created_at + event
+        # Serialize what the event's rows share once; only the user id (partition key) differs.
+        shared = prepared.bind(("", created_at, f"ceiling-{created_at}", "ceiling-author",
+                                False, blob, INBOX_TTL_S)).values[1:]
+        keys = [f"cu{i}".encode() for i in range(offset, offset + stop - start)]
+        start = stop
         if not job.batch_rows:
             for key in keys:
-                yield row(key), 1
+                bound = BoundStatement(prepared)
+                bound.values = [key, *shared]
+                yield bound, 1
             continue
         for group in _group_by_replicas(metadata, job.keyspace, keys):
-            for start in range(0, len(group), job.batch_rows):
+            for first in range(0, len(group), job.batch_rows):
+                chunk = group[first:first + job.batch_rows]
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                chunk = group[start:start + job.batch_rows]
-                for key in chunk:
-                    batch.add(row(key))
+                # Like feedsvc: the first row sets the routing key, the rest are appended as
+                # already-serialized values.
+                head = BoundStatement(prepared)
+                head.values = [chunk[0], *shared]
+                batch.add(head)
+                for key in chunk[1:]:
+                    batch._add_statement_and_params(True, prepared.query_id, [key, *shared])
                 yield batch, len(chunk)
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
+from feedsvc.clock import now_ms
 from feedsvc.model import Event, InboxItem, Position
 from feedsvc.runtime import Runtime
+from feedsvc.store.cassandra import CassandraStore
 from tests.conftest import MakeRuntime
 
 DAY_MS = 86_400_000
@@ -161,3 +165,31 @@ async def test_large_items_fan_out_completely(runtime: Runtime, prefix: str,
     await runtime.store.write_inbox(users, big, 3600)
     rows = await asyncio.gather(*(runtime.store.read_inbox(u, None, 5) for u in users))
     assert all([r.event_id for r in inbox] == ["big"] for inbox in rows)
+
+
+@pytest.mark.parametrize("payload_chars", [10, 100, 1_000, 4_000])
+async def test_cassandra_batches_sized_under_the_server_limit(
+        cassandra_store: CassandraStore, prefix: str, monkeypatch: pytest.MonkeyPatch,
+        payload_chars: int) -> None:
+    """The batch-size estimate must never be below what Cassandra counts: no batch of a
+    fan-out may be refused (a refusal shows as rows sent twice, once in the refused batch and
+    again in its halves), and small items still travel many rows per batch."""
+    sent: list[int] = []
+    send = cassandra_store._send_rows
+
+    async def counting(rows: Sequence[str], params: tuple[Any, ...],
+                       shared: list[bytes]) -> None:
+        sent.append(len(rows))
+        await send(rows, params, shared)
+
+    monkeypatch.setattr(cassandra_store, "_send_rows", counting)
+    users = [f"{prefix}-{'u' * 40}{i:04d}" for i in range(1_000)]
+    big = InboxItem(event_id=f"{prefix}-{'e' * 60}", author_id=f"{prefix}-{'a' * 60}",
+                    kind="post", created_at=now_ms(), priority="medium",
+                    payload='{"x":"' + "y" * payload_chars + '"}', object_id="o" * 100)
+    await cassandra_store.write_inbox(users, big, 3600)
+    assert sum(sent) == len(users)
+    if payload_chars == 10:
+        assert max(sent) >= 64
+    sample = await asyncio.gather(*(cassandra_store.read_inbox(u, None, 5) for u in users[::97]))
+    assert all([i.event_id for i in inbox] == [big.event_id] for inbox in sample)
