@@ -104,11 +104,12 @@ Read user2's inbox (a mobile client, with user2's token):
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from feedsvc.runtime import open_runtime
+    from feedsvc.runtime import freeze_startup_heap, open_runtime
     from feedsvc.workers import run_workers
 
     async def main() -> int:
         async with open_runtime(settings) as rt:
+            freeze_startup_heap()
             stop = asyncio.Event()
             try:
                 done = await run_workers(rt, args.concurrency, stop, burst=args.burst)

@@ -7,6 +7,7 @@ when ``FEEDSVC_CASSANDRA_HOSTS`` is set, else the embedded SQLite store and queu
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,6 +47,15 @@ class Runtime:
     def ttl_left_s(self, created_at_ms: int) -> int:
         """Seconds of retention an item created at ``created_at_ms`` has left."""
         return (created_at_ms + self.settings.retention_ms - self.now_ms()) // 1000
+
+
+def freeze_startup_heap() -> None:
+    """For a long-running process once it is up (modules imported, connections open, cluster
+    metadata loaded): move every object alive now out of the cyclic garbage collector's way.
+    They live as long as the process, and each full collection would walk all of them again
+    (in a fan-out worker that halved the time full collections took)."""
+    gc.collect()
+    gc.freeze()
 
 
 async def open_store(settings: Settings) -> Store:

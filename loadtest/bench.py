@@ -44,7 +44,7 @@ from feedsvc.runtime import Runtime, open_runtime
 from feedsvc.seed import follow_pairs
 from feedsvc.store.cassandra import CassandraStore, connect_cluster
 from loadtest import ceilings
-from loadtest.ceilings import free_port
+from loadtest.ceilings import busy_pct, free_port, machine_cpu, settle
 from loadtest.graphload import load_edges
 from loadtest.httpload import RequestPlan, percentile, run_load_in_process
 from loadtest.report import write_report
@@ -205,10 +205,15 @@ def latency_graph(sizes: Sequence[int]) -> Iterator[tuple[str, str]]:
 async def bench_fanout(env: Env, rt: Runtime, workers: Sequence[int], events: int,
                        authors: int, followers: int) -> list[dict[str, Any]]:
     """Rows/s from the first post to the last acknowledgement, per worker-process count.
-    An untimed warm-up round (a quarter of the events, one worker) goes first, as the
-    ceiling's warm-up pass does, so both are measured on a warm node."""
+    Measured like the ceiling: an untimed warm-up round first (a quarter of the events, one
+    worker), and every round starts from an empty inbox table once the machine is quiet
+    (``settle``)."""
 
-    async def round_s(count: int, n_events: int, tag: str) -> float:
+    store = rt.store
+    assert isinstance(store, CassandraStore)
+
+    async def round_s(count: int, n_events: int, tag: str) -> tuple[float, float | None]:
+        """Seconds for one round, and how busy the machine was meanwhile (percent)."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         api = (["api"], env.process_env(rt.settings, port))
@@ -218,20 +223,26 @@ async def bench_fanout(env: Env, rt: Runtime, workers: Sequence[int], events: in
             await wait_http(f"{url}/healthz")
             await asyncio.sleep(1.0)  # workers connected
             bodies = [event(f"fa{i % authors}", f"{tag}-{i}") for i in range(n_events)]
+            # Like every ceiling pattern: an empty table and a quiet machine to start from.
+            await asyncio.to_thread(store.session.execute,
+                                    f"TRUNCATE {store.keyspace}.inbox_by_user", timeout=120)
+            await asyncio.to_thread(settle)
+            cpu_before = machine_cpu()
             started = time.perf_counter()
             await post_events(url, bodies)
             await wait_drained(rt)
-            return time.perf_counter() - started
+            return time.perf_counter() - started, busy_pct(cpu_before, machine_cpu())
 
     warmup = max(1, events // 4)
-    seconds = await round_s(1, warmup, "tw")
+    seconds, _ = await round_s(1, warmup, "tw")
     log(f"fan-out warm-up (not reported): {warmup * (followers + 1) / seconds:,.0f} rows/s")
     results = []
     for count in workers:
-        seconds = await round_s(count, events, f"tp{count}")
+        seconds, busy = await round_s(count, events, f"tp{count}")
         rows = events * (followers + 1)
         results.append({"workers": count, "events": events, "rows": rows,
-                        "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds)})
+                        "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
+                        "machine_busy_pct": busy})
         log(f"fan-out, {count} worker process(es): {rows / seconds:,.0f} rows/s")
     return results
 

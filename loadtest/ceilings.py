@@ -7,7 +7,8 @@ drives it:
   ``inbox_by_user`` (``inbox_ceiling_by_user``), written with feedsvc's driver setup
   (``feedsvc.store.cassandra.connect_cluster``: protocol v5, token-aware DC-aware routing) as
   single-row prepared inserts with 256 in flight, and as unlogged batches of rows grouped by
-  replica set (16, 64 or 128 rows, 32 batches in flight), each from 1 and from N processes.
+  replica set (16 and 64 rows, and as many as feedsvc's batch-size estimate lets into one
+  batch, at most 128; 32 batches in flight), each from 1 and from N processes.
 * ``redis_ceilings``: ``redis-benchmark`` ops/s for ``XADD`` and ``SET ... NX``, with and
   without pipelining.
 * ``aiohttp_noop_ceiling``: requests/s of a no-op aiohttp handler (``loadtest.noop_server``)
@@ -56,7 +57,7 @@ import aiohttp
 import redis
 from cassandra.query import BatchStatement, BatchType, BoundStatement
 
-from feedsvc.store.cassandra import connect_cluster
+from feedsvc.store.cassandra import connect_cluster, rows_per_batch
 from loadtest.httpload import RequestPlan, collect_results, run_load_in_process
 
 log = logging.getLogger("loadtest.ceilings")
@@ -71,7 +72,7 @@ INBOX_TTL_S = 30 * 86_400  # feedsvc's default inbox retention
 SINGLE_IN_FLIGHT = 256  # single-row inserts in flight per process (feedsvc's fan-out default)
 SINGLE_MAX_ROWS = 150_000  # single rows run ~5x slower than batches: a reference, not a contender
 BATCH_IN_FLIGHT = 32  # batches in flight per process
-BATCH_SIZES = (16, 64, 128)
+BATCH_SIZES = (16, 64)  # plus the largest batch feedsvc would send for these rows
 # Rows are grouped by replica set a page at a time, like feedsvc's fan-out pages of 1,000
 # followers; 1,024 so every batch size above divides a page and every batch is full.
 FANOUT_PAGE = 1024
@@ -179,7 +180,9 @@ def cassandra_insert_ceiling(
                          "counts >= 1")
     table_info = _prepare_table(hosts, keyspace)
     shapes: list[tuple[str, int, int]] = [("single", 0, SINGLE_IN_FLIGHT)]
-    shapes += [(f"batch{size}", size, BATCH_IN_FLIGHT) for size in BATCH_SIZES]
+    largest = rows_per_batch(payload_bytes + len(_event_id(0)) + len(_AUTHOR_ID))
+    shapes += [(f"batch{size}", size, BATCH_IN_FLIGHT)
+               for size in sorted({*BATCH_SIZES, largest})]
     created_at = int(time.time() * 1000)
 
     def run(batch_rows: int, in_flight: int, count: int, n_rows: int) -> dict[str, Any]:
@@ -379,12 +382,12 @@ def _insert_process(
         prepared = session.prepare(_INSERT_CQL.format(ks=job.keyspace, table=CEILING_TABLE))
         statements = _statements(cluster.metadata, prepared, job)
         start_line.wait(timeout=_WORKER_START_TIMEOUT_S)
-        machine_before = _machine_cpu()
+        machine_before = machine_cpu()
         cpu_before = time.process_time()
         pump = _Pump(session, statements, job.in_flight)
         finished = pump.run(job.timeout_s)
         cpu_s = time.process_time() - cpu_before
-        machine_after = _machine_cpu()
+        machine_after = machine_cpu()
         report = {
             "started": pump.started,
             "ended": pump.ended if finished else time.monotonic(),
@@ -395,7 +398,7 @@ def _insert_process(
             "errors": pump.errors,
             "first_error": pump.first_error or ("timed out" if not finished else None),
             "cpu_s": cpu_s,
-            "machine_busy_pct": _busy_pct(machine_before, machine_after),
+            "machine_busy_pct": busy_pct(machine_before, machine_after),
             "server_warnings": dict(warnings.counts),
             "warning_samples": dict(warnings.samples),
         }
@@ -424,8 +427,8 @@ def _statements(metadata: Any, prepared: Any, job: _InsertJob) -> Iterator[tuple
         stop = min(end, start + FANOUT_PAGE, (event + 1) * per_event)
         created_at = job.created_at + event
         # Serialize what the event's rows share once; only the user id (partition key) differs.
-        shared = prepared.bind(("", created_at, f"ceiling-{created_at}", "ceiling-author",
-                                False, blob, INBOX_TTL_S)).values[1:]
+        shared = prepared.bind(("", created_at, _event_id(created_at), _AUTHOR_ID, False,
+                                blob, INBOX_TTL_S)).values[1:]
         keys = [f"cu{i}".encode() for i in range(offset, offset + stop - start)]
         start = stop
         if not job.batch_rows:
@@ -446,6 +449,13 @@ def _statements(metadata: Any, prepared: Any, job: _InsertJob) -> Iterator[tuple
                 for key in chunk[1:]:
                     batch._add_statement_and_params(True, prepared.query_id, [key, *shared])
                 yield batch, len(chunk)
+
+
+_AUTHOR_ID = "ceiling-author"
+
+
+def _event_id(created_at: int) -> str:
+    return f"ceiling-{created_at:013d}"
 
 
 def _group_by_replicas(metadata: Any, keyspace: str, keys: list[bytes]) -> list[list[bytes]]:
@@ -712,12 +722,12 @@ class _CpuSampler:
 
     def _sample(self) -> None:
         tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        last = (time.monotonic(), _process_cpu_ticks(self._pid), _machine_cpu())
+        last = (time.monotonic(), _process_cpu_ticks(self._pid), machine_cpu())
         while not self._stop.wait(self._interval):
-            now = (time.monotonic(), _process_cpu_ticks(self._pid), _machine_cpu())
+            now = (time.monotonic(), _process_cpu_ticks(self._pid), machine_cpu())
             if now[1] is not None and last[1] is not None:
                 self._process.append(100.0 * (now[1] - last[1]) / tick / (now[0] - last[0]))
-            busy = _busy_pct(last[2], now[2])
+            busy = busy_pct(last[2], now[2])
             if busy is not None:
                 self._machine.append(busy)
             last = now
@@ -738,9 +748,9 @@ def settle(
     long it waited, the last reading and whether the machine did settle."""
     began = time.monotonic()
     while True:
-        before = _machine_cpu()
+        before = machine_cpu()
         time.sleep(window_s)
-        busy = _busy_pct(before, _machine_cpu())
+        busy = busy_pct(before, machine_cpu())
         waited = round(time.monotonic() - began, 1)
         if busy is None or busy < quiet_below_pct:
             return {"waited_s": waited, "busy_pct": busy, "settled": True}
@@ -759,7 +769,7 @@ def _process_cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])
 
 
-def _machine_cpu() -> tuple[int, int] | None:
+def machine_cpu() -> tuple[int, int] | None:
     """(busy, total) jiffies of all cores since boot (Linux /proc/stat; None elsewhere)."""
     try:
         first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
@@ -769,8 +779,8 @@ def _machine_cpu() -> tuple[int, int] | None:
     return sum(values) - values[3] - values[4], sum(values)
 
 
-def _busy_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    """Share of all cores busy between two ``_machine_cpu`` readings, in percent."""
+def busy_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of all cores busy between two ``machine_cpu`` readings, in percent."""
     if before is None or after is None or after[1] <= before[1]:
         return None
     return round(100.0 * (after[0] - before[0]) / (after[1] - before[1]), 1)

@@ -193,3 +193,26 @@ async def test_cassandra_batches_sized_under_the_server_limit(
         assert max(sent) >= 64
     sample = await asyncio.gather(*(cassandra_store.read_inbox(u, None, 5) for u in users[::97]))
     assert all([i.event_id for i in inbox] == [big.event_id] for inbox in sample)
+
+
+async def test_cassandra_waits_while_sockets_are_full(cassandra_store: CassandraStore,
+                                                      prefix: str) -> None:
+    """When the driver cannot send because every socket buffer is full (it raises
+    ConnectionBusy), the store waits and sends again instead of failing the fan-out. The
+    full buffer is staged on the real connection by the flag the driver's writer sets."""
+    connections = [pool._connection for pool in cassandra_store.session._pools.values()]
+    users = [f"{prefix}-u{i}" for i in range(300)]
+    item = InboxItem(event_id=f"{prefix}-e", author_id="a", kind="post", created_at=now_ms(),
+                     priority="medium", payload='{"n":1}')
+    for conn in connections:
+        conn._socket_writable = False
+    try:
+        write = asyncio.ensure_future(cassandra_store.write_inbox(users, item, 3600))
+        await asyncio.sleep(0.2)
+        assert not write.done()  # held back, not failed
+    finally:
+        for conn in connections:
+            conn._socket_writable = True
+    await asyncio.wait_for(write, 10)
+    sample = await asyncio.gather(*(cassandra_store.read_inbox(u, None, 5) for u in users[::29]))
+    assert all([i.event_id for i in inbox] == [item.event_id] for inbox in sample)

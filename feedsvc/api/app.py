@@ -20,7 +20,7 @@ from feedsvc.auth import Principal, authenticate
 from feedsvc.config import Settings
 from feedsvc.errors import ClientError, PermanentError, RetryableError
 from feedsvc.model import MAX_BULK_BODY_BYTES
-from feedsvc.runtime import Runtime, open_runtime
+from feedsvc.runtime import Runtime, freeze_startup_heap, open_runtime
 from feedsvc.workers import run_workers
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ async def serve(settings: Settings, *, workers: int) -> None:
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
+        freeze_startup_heap()
         log.info("feedsvc listening on http://%s:%d", settings.host, settings.port)
         try:
             await asyncio.Event().wait()

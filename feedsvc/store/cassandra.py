@@ -30,6 +30,7 @@ from cassandra.cluster import (
     ResponseFuture,
     Session,
 )
+from cassandra.connection import ConnectionBusy
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, tuple_factory
 
@@ -48,6 +49,8 @@ FOLLOWER_SHARDS = 16  # partitions per author in followers_by_author
 BATCH_ROWS = 128
 BATCH_BYTES = 44_000
 ROW_OVERHEAD = 160  # created_at, direct, cell metadata, TTLs and timestamps, with a margin
+BUSY_RETRIES = 20  # sends refused because the sockets were full, before giving up
+BUSY_PAUSE_S = 0.005  # times the attempt number
 BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
 _PULL_SHARD = 0
 _UNPAGED = {"pull_authors", "inbox_keys", "inbox_positions"}
@@ -67,6 +70,12 @@ class _QuietBatchWarnings(logging.Filter):
         return not ("Unlogged batch covering" in text or "is of size" in text)
 
 
+
+
+def rows_per_batch(row_bytes: int) -> int:
+    """Inbox rows per unlogged batch for rows whose item, event id and author id take
+    ``row_bytes``: at most ``BATCH_ROWS``, within the ``BATCH_BYTES`` estimate."""
+    return max(1, min(BATCH_ROWS, BATCH_BYTES // (row_bytes + ROW_OVERHEAD)))
 
 
 def follower_shard(follower_id: str) -> int:
@@ -132,8 +141,17 @@ async def _wait(future: ResponseFuture) -> list[Any]:
         return await result
     except RequestValidationException:
         raise  # the request itself is wrong: retrying cannot help; callers decide
+    except NoHostAvailable as exc:
+        if exc.errors and all(isinstance(e, ConnectionBusy) for e in exc.errors.values()):
+            raise _SocketsFull(f"cassandra: {exc}") from exc
+        raise RetryableError(f"cassandra: {exc}") from exc
     except _DRIVER_ERRORS as exc:
         raise RetryableError(f"cassandra: {exc}") from exc
+
+
+class _SocketsFull(RetryableError):
+    """The driver refused to send (``ConnectionBusy``): every connection's socket buffer was
+    full, the node reads slower than this process writes. Nothing was sent."""
 
 
 def _settle(
@@ -151,7 +169,7 @@ class CassandraStore:
     """``Store`` on Cassandra; see the module docstring."""
 
     def __init__(self, cluster: Cluster, session: Session, keyspace: str,
-                 concurrency: int = 256) -> None:
+                 concurrency: int = 64) -> None:
         self.cluster = cluster
         self.session = session
         self.keyspace = keyspace
@@ -160,7 +178,7 @@ class CassandraStore:
 
     @classmethod
     async def open(cls, hosts: Sequence[str], keyspace: str,
-                   concurrency: int = 256) -> CassandraStore:
+                   concurrency: int = 64) -> CassandraStore:
         try:
             cluster, session = await asyncio.to_thread(connect_cluster, hosts)
         except _DRIVER_ERRORS as exc:
@@ -242,11 +260,26 @@ class CassandraStore:
                  ) -> list[Any]:
         """Run a prepared statement; ``profile=TUPLES`` returns plain tuples (hot reads)."""
         try:
-            async with self._limit:
-                return await _wait(self.session.execute_async(
-                    self._ps[name], params, execution_profile=profile))
+            return await self._execute(self._ps[name], params, profile)
         except RequestValidationException as exc:
             raise PermanentError(f"cassandra refused {name}: {exc}") from exc
+
+    async def _execute(self, statement: Any, params: Any = None,
+                       profile: Any = EXEC_PROFILE_DEFAULT) -> list[Any]:
+        """One request, at most ``concurrency`` in flight. When the driver could not send it
+        because the sockets were full, wait a moment and send it again rather than failing
+        the caller (a fan-out task would otherwise redo all its rows)."""
+        attempt = 0
+        while True:
+            try:
+                async with self._limit:
+                    return await _wait(self.session.execute_async(
+                        statement, params, execution_profile=profile))
+            except _SocketsFull:
+                attempt += 1
+                if attempt >= BUSY_RETRIES:
+                    raise
+                await asyncio.sleep(BUSY_PAUSE_S * attempt)
 
     async def ping(self) -> None:
         try:
@@ -337,8 +370,7 @@ class CassandraStore:
         blob = _item_encoder.encode(item)
         params = (user_ids[0], item.created_at, item.event_id, item.author_id, item.direct,
                   blob, ttl_s)
-        row_size = len(blob) + len(item.event_id) + len(item.author_id) + ROW_OVERHEAD
-        per_batch = max(1, min(BATCH_ROWS, BATCH_BYTES // row_size))
+        per_batch = rows_per_batch(len(blob) + len(item.event_id) + len(item.author_id))
         # Serialize the values every row shares once; only the user id differs per row.
         shared = self._ps["write_inbox"].bind(params).values[1:]
         chunks = [group[start:start + per_batch]
@@ -347,18 +379,23 @@ class CassandraStore:
         await asyncio.gather(*(self._send_rows(rows, params, shared) for rows in chunks))
 
     async def _send_rows(self, rows: Sequence[str], params: tuple[Any, ...],
-                         shared: list[bytes]) -> None:
+                         shared: Sequence[bytes]) -> None:
         ps = self._ps["write_inbox"]
         batch = BatchStatement(batch_type=BatchType.UNLOGGED)
         # The first row goes through the public API (it sets the routing key); the others
         # reuse the serialized shared values: binding every row again costs the client
         # more than Cassandra spends writing it.
+        # Rows are tuples of bytes: the garbage collector stops tracking those after one pass.
         batch.add(ps, (rows[0], *params[1:]))
         for user_id in rows[1:]:
-            batch._add_statement_and_params(True, ps.query_id, [user_id.encode(), *shared])
+            batch._add_statement_and_params(True, ps.query_id, (user_id.encode(), *shared))
         try:
-            async with self._limit:
-                await _wait(self.session.execute_async(batch))
+            await self._execute(batch)
+            # The driver keeps every finished request referenced until its timeout timer
+            # expires (request_timeout, 30 s), and with it the batch's rows: a busy worker
+            # would carry the last 30 s of rows, which Python's collector walks again and
+            # again. Drop them now.
+            batch.clear()
         except InvalidRequest as exc:
             if "Batch too large" not in str(exc) or len(rows) == 1:
                 raise PermanentError(f"cassandra refused an inbox write: {exc}") from exc
