@@ -44,7 +44,10 @@ def _ceilings(c: dict[str, Any]) -> list[str]:
     best = c["cassandra"]["best"]
     noop = c["aiohttp_noop"]
     parts = ["### Ceilings of this machine"]
-    rows = [[f"Cassandra insert, {name}", f"{rate:,.0f} rows/s"]
+    runs = c["cassandra"].get("runs", {})
+    rows = [[f"Cassandra insert, {name}", f"{rate:,.0f} rows/s" + (
+                f" ({runs[name]['errors']} failed requests: not a candidate)"
+                if runs.get(name, {}).get("errors") else "")]
             for name, rate in c["cassandra"]["patterns"].items()]
     rows.append(["Cassandra insert, best", f"{best['rows_per_s']:,.0f} rows/s ({best['pattern']})"])
     rows += [[f"Redis {name}", f"{rate:,.0f} ops/s"] for name, rate in c["redis"].items()
@@ -57,9 +60,11 @@ def _ceilings(c: dict[str, Any]) -> list[str]:
 
 def _fanout(fanout: list[dict[str, Any]]) -> list[str]:
     return ["### Fan-out throughput (HTTP in, Cassandra inbox rows out)", _table(
-        ["worker processes", "events", "inbox rows", "seconds", "rows/s", "ratio to best insert"],
+        ["worker processes", "events", "inbox rows", "seconds", "rows/s", "ratio to best insert",
+         "machine busy"],
         [[r["workers"], r["events"], r["rows"], r["seconds"], r["rows_per_s"],
-          f"{r['ratio_to_ceiling']:.0%}" if "ratio_to_ceiling" in r else "-"]
+          f"{r['ratio_to_ceiling']:.0%}" if "ratio_to_ceiling" in r else "-",
+          f"{r['machine_busy_pct']}%" if r.get("machine_busy_pct") is not None else "-"]
          for r in fanout])]
 
 
