@@ -333,8 +333,8 @@ async def bench_strategies(env: Env, quick: bool) -> list[dict[str, Any]]:
     mega = 20_000 if quick else 1_000_000
     celebrities, celeb_followers = 30, base
     readers, normal_authors = (20, 100) if quick else (50, 400)
-    posts_per_author = 2 if quick else 3
-    read_s = 2.5 if quick else 10.0
+    posts_per_author = 1 if quick else 3
+    read_s = 2.0 if quick else 10.0
     results = []
     for name, full_threshold in STRATEGIES.items():
         threshold = base if name == "hybrid" else full_threshold
@@ -450,17 +450,18 @@ async def run(env: Env, quick: bool, out: Path, sections: set[str]) -> dict[str,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     keyspace = "feedsvc_bench"
     await fresh_keyspace(env, keyspace)
+    fanout_events = 20 if quick else FANOUT_EVENTS
 
     if "ceilings" in sections:
         log("ceilings")
         # Rows shaped like the fan-out section's: the same item size, the same number of
-        # inboxes (followers + the author), and at full size the same number of rows.
+        # inboxes (followers + the author) and the same number of rows.
         result["ceilings"] = {
             "cassandra": await asyncio.to_thread(
                 ceilings.cassandra_insert_ceiling, env.hosts, keyspace,
-                rows=50_000 if quick else FANOUT_EVENTS * (FANOUT_FOLLOWERS + 1),
-                payload_bytes=inbox_item_bytes(), partitions=FANOUT_FOLLOWERS + 1,
-                processes=(1, 2)),
+                rows=fanout_events * (FANOUT_FOLLOWERS + 1), payload_bytes=inbox_item_bytes(),
+                partitions=FANOUT_FOLLOWERS + 1, processes=(1, 2), single=not quick,
+                batch_sizes=(64,) if quick else ceilings.BATCH_SIZES),
             "redis": await asyncio.to_thread(
                 ceilings.redis_ceilings, int(env.redis_url.rsplit(":", 1)[1].split("/")[0]),
                 50_000 if quick else 200_000),
@@ -485,8 +486,7 @@ async def run(env: Env, quick: bool, out: Path, sections: set[str]) -> dict[str,
         if "fanout" in sections:
             log("fan-out throughput")
             result["fanout"] = await bench_fanout(
-                env, rt, (1, 2) if quick else (1, 2, 4), 20 if quick else FANOUT_EVENTS,
-                authors, followers)
+                env, rt, (1, 2) if quick else (1, 2, 4), fanout_events, authors, followers)
             if "ceilings" in result:
                 best = result["ceilings"]["cassandra"]["best"]["rows_per_s"]
                 for row in result["fanout"]:

@@ -156,6 +156,8 @@ def cassandra_insert_ceiling(
     payload_bytes: int = 120,
     partitions: int = 0,
     processes: Sequence[int] = (1, 2),
+    single: bool = True,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
 ) -> dict[str, Any]:
     """Inbox rows/s Cassandra takes from this machine, per write pattern.
 
@@ -168,7 +170,9 @@ def cassandra_insert_ceiling(
     row) each get one row per "event" (its own created_at and event_id), all rows of an event
     share the author_id and a ``payload_bytes`` item, written with a TTL. As in feedsvc, the
     values an event's rows share are serialized once and only the user id is added per row.
-    Building the statements is part of the timed work. The
+    Building the statements is part of the timed work; ``single=False`` leaves the (slow,
+    never best) single-row pattern out, ``batch_sizes`` picks the fixed batch sizes tried
+    besides the largest one feedsvc would send. The
     table is truncated before every pattern (after an untimed warm-up pass) and at the end, and
     each pattern starts once the machine is quiet again (``settle``).
 
@@ -179,10 +183,10 @@ def cassandra_insert_ceiling(
         raise ValueError("need rows >= 1, payload_bytes >= 0, partitions >= 0 and process "
                          "counts >= 1")
     table_info = _prepare_table(hosts, keyspace)
-    shapes: list[tuple[str, int, int]] = [("single", 0, SINGLE_IN_FLIGHT)]
+    shapes: list[tuple[str, int, int]] = [("single", 0, SINGLE_IN_FLIGHT)] if single else []
     largest = rows_per_batch(payload_bytes + len(_event_id(0)) + len(_AUTHOR_ID))
     shapes += [(f"batch{size}", size, BATCH_IN_FLIGHT)
-               for size in sorted({*BATCH_SIZES, largest})]
+               for size in sorted({*batch_sizes, largest})]
     created_at = int(time.time() * 1000)
 
     def run(batch_rows: int, in_flight: int, count: int, n_rows: int) -> dict[str, Any]:
