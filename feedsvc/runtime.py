@@ -53,7 +53,7 @@ def freeze_startup_heap() -> None:
     """For a long-running process once it is up (modules imported, connections open, cluster
     metadata loaded): move every object alive now out of the cyclic garbage collector's way.
     They live as long as the process, and each full collection would walk all of them again
-    (in a fan-out worker that halved the time full collections took)."""
+    (in a fan-out write loop that halved the time full collections took)."""
     gc.collect()
     gc.freeze()
 

@@ -42,6 +42,7 @@ async def load_edges(store: CassandraStore, edges: Iterable[tuple[str, str]],
     async def send(batch: BatchStatement) -> None:
         async with limit:
             await asyncio.wrap_future(_as_future(session.execute_async(batch)))
+        batch.clear()  # the driver keeps finished requests referenced for their timeout
 
     buffer: list[tuple[str, str]] = []
     total = 0

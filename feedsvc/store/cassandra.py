@@ -70,8 +70,6 @@ class _QuietBatchWarnings(logging.Filter):
         return not ("Unlogged batch covering" in text or "is of size" in text)
 
 
-
-
 def rows_per_batch(row_bytes: int) -> int:
     """Inbox rows per unlogged batch for rows whose item, event id and author id take
     ``row_bytes``: at most ``BATCH_ROWS``, within the ``BATCH_BYTES`` estimate."""
