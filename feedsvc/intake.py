@@ -161,7 +161,7 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
         accepted_at=now, body_hash=body_hash, object_id=incoming.object_id,
         audience=list(dict.fromkeys(incoming.audience.users)) if incoming.audience else None,
     )
-    ttl = (created_at + rt.settings.retention_ms - now) // 1000
+    ttl = rt.ttl_left_s(created_at, now)
     if ttl < 1:
         raise Unprocessable("created_at is older than the inbox retention", code="too_old",
                             field="created_at")

@@ -44,9 +44,11 @@ class Runtime:
     def now_ms(self) -> int:
         return now_ms()
 
-    def ttl_left_s(self, created_at_ms: int) -> int:
-        """Seconds of retention an item created at ``created_at_ms`` has left."""
-        return (created_at_ms + self.settings.retention_ms - self.now_ms()) // 1000
+    def ttl_left_s(self, created_at_ms: int, now_ms: int | None = None) -> int:
+        """Seconds of retention an item created at ``created_at_ms`` has left (at ``now_ms``,
+        by default now)."""
+        now = self.now_ms() if now_ms is None else now_ms
+        return (created_at_ms + self.settings.retention_ms - now) // 1000
 
 
 def freeze_startup_heap() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
 
 import pytest
 
@@ -177,10 +176,9 @@ async def test_cassandra_batches_sized_under_the_server_limit(
     sent: list[int] = []
     send = cassandra_store._send_rows
 
-    async def counting(rows: Sequence[str], params: tuple[Any, ...],
-                       shared: list[bytes]) -> None:
+    async def counting(rows: Sequence[str], shared: tuple[bytes, ...]) -> None:
         sent.append(len(rows))
-        await send(rows, params, shared)
+        await send(rows, shared)
 
     monkeypatch.setattr(cassandra_store, "_send_rows", counting)
     users = [f"{prefix}-{'u' * 40}{i:04d}" for i in range(1_000)]

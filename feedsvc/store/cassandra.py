@@ -366,26 +366,25 @@ class CassandraStore:
         if not user_ids:
             return
         blob = _item_encoder.encode(item)
-        params = (user_ids[0], item.created_at, item.event_id, item.author_id, item.direct,
-                  blob, ttl_s)
         per_batch = rows_per_batch(len(blob) + len(item.event_id) + len(item.author_id))
         # Serialize the values every row shares once; only the user id differs per row.
-        shared = self._ps["write_inbox"].bind(params).values[1:]
+        shared = tuple(self._ps["write_inbox"].bind((
+            user_ids[0], item.created_at, item.event_id, item.author_id, item.direct, blob,
+            ttl_s)).values[1:])
         chunks = [group[start:start + per_batch]
                   for group in self._by_replicas(user_ids).values()
                   for start in range(0, len(group), per_batch)]
-        await asyncio.gather(*(self._send_rows(rows, params, shared) for rows in chunks))
+        await asyncio.gather(*(self._send_rows(rows, shared) for rows in chunks))
 
-    async def _send_rows(self, rows: Sequence[str], params: tuple[Any, ...],
-                         shared: Sequence[bytes]) -> None:
+    async def _send_rows(self, rows: Sequence[str], shared: tuple[bytes, ...]) -> None:
         ps = self._ps["write_inbox"]
         batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-        # The first row goes through the public API (it sets the routing key); the others
-        # reuse the serialized shared values: binding every row again costs the client
-        # more than Cassandra spends writing it.
-        # Rows are tuples of bytes: the garbage collector stops tracking those after one pass.
-        batch.add(ps, (rows[0], *params[1:]))
-        for user_id in rows[1:]:
+        # Rows are added already serialized (binding every row again costs the client more
+        # than Cassandra spends writing it), as tuples of bytes, which the garbage collector
+        # stops tracking after one pass. The batch is routed by its first row's key.
+        batch.keyspace = ps.keyspace
+        batch.routing_key = rows[0].encode()
+        for user_id in rows:
             batch._add_statement_and_params(True, ps.query_id, (user_id.encode(), *shared))
         try:
             await self._execute(batch)
@@ -398,8 +397,8 @@ class CassandraStore:
             if "Batch too large" not in str(exc) or len(rows) == 1:
                 raise PermanentError(f"cassandra refused an inbox write: {exc}") from exc
             half = len(rows) // 2
-            await asyncio.gather(self._send_rows(rows[:half], params, shared),
-                                 self._send_rows(rows[half:], params, shared))
+            await asyncio.gather(self._send_rows(rows[:half], shared),
+                                 self._send_rows(rows[half:], shared))
 
     def _by_replicas(self, user_ids: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
         """Group partition keys by the replica set that owns them."""
