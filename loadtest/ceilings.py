@@ -55,21 +55,26 @@ from typing import Any
 
 import aiohttp
 import redis
-from cassandra.query import BatchStatement, BatchType, BoundStatement
+from cassandra.query import BoundStatement
 
-from feedsvc.store.cassandra import connect_cluster, rows_per_batch
+from feedsvc.migrate import load_migrations
+from feedsvc.store.cassandra import (
+    connect_cluster,
+    inbox_batch,
+    replica_groups,
+    rows_per_batch,
+)
 from loadtest.httpload import RequestPlan, collect_results, run_load_in_process
 
 log = logging.getLogger("loadtest.ceilings")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CQL_DIR = REPO_ROOT / "cql"
 
 # --- Cassandra -----------------------------------------------------------------------------
 SOURCE_TABLE = "inbox_by_user"
 CEILING_TABLE = "inbox_ceiling_by_user"
 INBOX_TTL_S = 30 * 86_400  # feedsvc's default inbox retention
-SINGLE_IN_FLIGHT = 256  # single-row inserts in flight per process (feedsvc's fan-out default)
+SINGLE_IN_FLIGHT = 256  # single-row inserts in flight per process
 SINGLE_MAX_ROWS = 150_000  # single rows run ~5x slower than batches: a reference, not a contender
 BATCH_IN_FLIGHT = 32  # batches in flight per process
 BATCH_SIZES = (16, 64)  # plus the largest batch feedsvc would send for these rows
@@ -96,20 +101,20 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 # =========================================================================================
 
 
-def inbox_table_ddl(keyspace: str, table: str = CEILING_TABLE) -> list[str]:
+def inbox_table_ddl(keyspace: str) -> list[str]:
     """The statements that make ``keyspace.table`` a copy of ``inbox_by_user`` as the
     migrations in ``cql/`` leave it: its CREATE TABLE (as IF NOT EXISTS) and any later
     ALTER TABLE, in file order, renamed. Read from the migrations so the copy cannot drift."""
     _check_name(keyspace)
-    _check_name(table)
+    table = CEILING_TABLE
     head = re.compile(
         rf"^(CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?|ALTER\s+TABLE\s+)(?:\w+\.)?"
         rf"{SOURCE_TABLE}(?=[\s(])",
         re.IGNORECASE,
     )
     out: list[str] = []
-    for path in sorted(CQL_DIR.glob("*.cql")):
-        for statement in _split_cql(path.read_text(encoding="utf-8")):
+    for migration in load_migrations():
+        for statement in migration.statements:
             match = head.match(statement)
             if match is None:
                 continue
@@ -118,20 +123,8 @@ def inbox_table_ddl(keyspace: str, table: str = CEILING_TABLE) -> list[str]:
                 verb = "CREATE TABLE IF NOT EXISTS "
             out.append(f"{verb}{keyspace}.{table}{statement[match.end():]}")
     if not out or not out[0].startswith("CREATE"):
-        raise RuntimeError(f"no CREATE TABLE {SOURCE_TABLE} found in {CQL_DIR}/*.cql")
+        raise RuntimeError(f"no CREATE TABLE {SOURCE_TABLE} found in the migrations")
     return out
-
-
-def _split_cql(text: str) -> list[str]:
-    """Statements of a CQL file, comments (``--``, ``//``) removed. Enough for migrations:
-    no semicolons or comment markers inside string literals."""
-    lines = []
-    for line in text.splitlines():
-        cut = min((i for i in (line.find("--"), line.find("//")) if i >= 0), default=len(line))
-        if line[:cut].count("'") % 2 == 0:
-            line = line[:cut]
-        lines.append(line)
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
 def create_keyspace(hosts: Sequence[str], keyspace: str) -> None:
@@ -431,28 +424,21 @@ def _statements(metadata: Any, prepared: Any, job: _InsertJob) -> Iterator[tuple
         stop = min(end, start + FANOUT_PAGE, (event + 1) * per_event)
         created_at = job.created_at + event
         # Serialize what the event's rows share once; only the user id (partition key) differs.
-        shared = prepared.bind(("", created_at, _event_id(created_at), _AUTHOR_ID, False,
-                                blob, INBOX_TTL_S)).values[1:]
-        keys = [f"cu{i}".encode() for i in range(offset, offset + stop - start)]
+        shared = tuple(prepared.bind(("", created_at, _event_id(created_at), _AUTHOR_ID, False,
+                                      blob, INBOX_TTL_S)).values[1:])
+        keys = [f"cu{i}" for i in range(offset, offset + stop - start)]
         start = stop
         if not job.batch_rows:
             for key in keys:
                 bound = BoundStatement(prepared)
-                bound.values = [key, *shared]
+                bound.values = [key.encode(), *shared]
                 yield bound, 1
             continue
-        for group in _group_by_replicas(metadata, job.keyspace, keys):
+        # Grouped and batched by the same code as feedsvc's fan-out.
+        for group in replica_groups(metadata, job.keyspace, keys):
             for first in range(0, len(group), job.batch_rows):
                 chunk = group[first:first + job.batch_rows]
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                # Like feedsvc: the first row sets the routing key, the rest are appended as
-                # already-serialized values.
-                head = BoundStatement(prepared)
-                head.values = [chunk[0], *shared]
-                batch.add(head)
-                for key in chunk[1:]:
-                    batch._add_statement_and_params(True, prepared.query_id, [key, *shared])
-                yield batch, len(chunk)
+                yield inbox_batch(prepared, chunk, shared), len(chunk)
 
 
 _AUTHOR_ID = "ceiling-author"
@@ -460,17 +446,6 @@ _AUTHOR_ID = "ceiling-author"
 
 def _event_id(created_at: int) -> str:
     return f"ceiling-{created_at:013d}"
-
-
-def _group_by_replicas(metadata: Any, keyspace: str, keys: list[bytes]) -> list[list[bytes]]:
-    """Partition keys grouped by the replica set that owns them (one group on one node)."""
-    if len(metadata.all_hosts()) == 1:
-        return [keys]
-    groups: dict[tuple[str, ...], list[bytes]] = {}
-    for key in keys:
-        owners = tuple(sorted(str(h.endpoint) for h in metadata.get_replicas(keyspace, key)))
-        groups.setdefault(owners, []).append(key)
-    return list(groups.values())
 
 
 class _Pump:

@@ -76,6 +76,31 @@ def rows_per_batch(row_bytes: int) -> int:
     return max(1, min(BATCH_ROWS, BATCH_BYTES // (row_bytes + ROW_OVERHEAD)))
 
 
+def replica_groups(metadata: Any, keyspace: str, user_ids: Sequence[str]) -> list[list[str]]:
+    """Partition keys grouped by the replica set that owns them (one group on one node)."""
+    if len(metadata.all_hosts()) == 1:
+        return [list(user_ids)]
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for user_id in user_ids:
+        replicas = metadata.get_replicas(keyspace, user_id.encode())
+        groups.setdefault(tuple(sorted(str(h.endpoint) for h in replicas)), []).append(user_id)
+    return list(groups.values())
+
+
+def inbox_batch(ps: PreparedStatement, user_ids: Sequence[str],
+                shared: tuple[bytes, ...]) -> BatchStatement:
+    """An unlogged batch of inbox rows that differ only in the user id; ``shared`` holds the
+    other values already serialized. Rows are added without binding again (binding every
+    row costs the client more than Cassandra spends writing it), as tuples of bytes, which
+    the garbage collector stops tracking after one pass; the first row's key routes it."""
+    batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+    batch.keyspace = ps.keyspace
+    batch.routing_key = user_ids[0].encode()
+    for user_id in user_ids:
+        batch._add_statement_and_params(True, ps.query_id, (user_id.encode(), *shared))
+    return batch
+
+
 def follower_shard(follower_id: str) -> int:
     return zlib.crc32(follower_id.encode()) % FOLLOWER_SHARDS
 
@@ -372,20 +397,12 @@ class CassandraStore:
             user_ids[0], item.created_at, item.event_id, item.author_id, item.direct, blob,
             ttl_s)).values[1:])
         chunks = [group[start:start + per_batch]
-                  for group in self._by_replicas(user_ids).values()
+                  for group in replica_groups(self.cluster.metadata, self.keyspace, user_ids)
                   for start in range(0, len(group), per_batch)]
         await asyncio.gather(*(self._send_rows(rows, shared) for rows in chunks))
 
     async def _send_rows(self, rows: Sequence[str], shared: tuple[bytes, ...]) -> None:
-        ps = self._ps["write_inbox"]
-        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-        # Rows are added already serialized (binding every row again costs the client more
-        # than Cassandra spends writing it), as tuples of bytes, which the garbage collector
-        # stops tracking after one pass. The batch is routed by its first row's key.
-        batch.keyspace = ps.keyspace
-        batch.routing_key = rows[0].encode()
-        for user_id in rows:
-            batch._add_statement_and_params(True, ps.query_id, (user_id.encode(), *shared))
+        batch = inbox_batch(self._ps["write_inbox"], rows, shared)
         try:
             await self._execute(batch)
             # The driver keeps every finished request referenced until its timeout timer
@@ -399,18 +416,6 @@ class CassandraStore:
             half = len(rows) // 2
             await asyncio.gather(self._send_rows(rows[:half], shared),
                                  self._send_rows(rows[half:], shared))
-
-    def _by_replicas(self, user_ids: Sequence[str]) -> dict[tuple[str, ...], list[str]]:
-        """Group partition keys by the replica set that owns them."""
-        metadata = self.cluster.metadata
-        if len(metadata.all_hosts()) == 1:
-            return {(): list(user_ids)}
-        groups: dict[tuple[str, ...], list[str]] = {}
-        for user_id in user_ids:
-            replicas = metadata.get_replicas(self.keyspace, user_id.encode())
-            key = tuple(sorted(str(h.endpoint) for h in replicas))
-            groups.setdefault(key, []).append(user_id)
-        return groups
 
     async def read_inbox(
         self, user_id: str, before: Position | None, limit: int
