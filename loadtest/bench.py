@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123456789"
 THRESHOLD = 10_000
 PAYLOAD = {"text": "x" * 100}
 FANOUT_AUTHORS, FANOUT_FOLLOWERS, FANOUT_EVENTS = 10, 9_999, 60  # full size
+FANOUT_REPEATS = 3  # rounds per worker count (full size), each after a ceiling run
 
 
 def log(message: str) -> None:
@@ -203,14 +205,21 @@ def latency_graph(sizes: Sequence[int]) -> Iterator[tuple[str, str]]:
 
 
 async def bench_fanout(env: Env, rt: Runtime, workers: Sequence[int], events: int,
-                       authors: int, followers: int) -> list[dict[str, Any]]:
+                       authors: int, followers: int, repeats: int,
+                       ceiling: dict[str, Any] | None) -> dict[str, Any]:
     """Rows/s from the first post to the last acknowledgement, per worker-process count.
+
     Measured like the ceiling: an untimed warm-up round first (a quarter of the events, one
     worker), and every round starts from an empty inbox table once the machine is quiet
-    (``settle``)."""
+    (``settle``). Each worker count runs ``repeats`` rounds and reports their median. With a
+    ``ceiling`` (the Cassandra section's result) its best pattern is measured again right
+    before every round, so the ceiling and the fan-out are sampled alternately over the same
+    minutes: a 2-core VM drifts by 10-20% from one minute to the next, more than the gap
+    being measured. Returns ``{"rounds": [per worker count], "ceiling_again": [runs]}``."""
 
     store = rt.store
     assert isinstance(store, CassandraStore)
+    ceiling_again: list[dict[str, Any]] = []
 
     async def round_s(count: int, n_events: int, tag: str) -> tuple[float, float | None]:
         """Seconds for one round, and how busy the machine was meanwhile (percent)."""
@@ -238,15 +247,39 @@ async def bench_fanout(env: Env, rt: Runtime, workers: Sequence[int], events: in
     warmup = max(1, events // 4)
     seconds, _ = await round_s(1, warmup, "tw")
     log(f"fan-out warm-up (not reported): {warmup * (followers + 1) / seconds:,.0f} rows/s")
+    rows = events * (followers + 1)
     results = []
     for count in workers:
-        seconds, busy = await round_s(count, events, f"tp{count}")
-        rows = events * (followers + 1)
+        rates: list[float] = []
+        busy: list[float] = []
+        for attempt in range(repeats):
+            if ceiling is not None:
+                ceiling_again.append(await asyncio.to_thread(
+                    ceilings.repeat_best, store.session, env.hosts, store.keyspace, ceiling))
+            seconds, load = await round_s(count, events, f"tp{count}-{attempt}")
+            rates.append(round(rows / seconds))
+            if load is not None:
+                busy.append(load)
+            log(f"fan-out, {count} worker process(es), round {attempt + 1}: "
+                f"{rows / seconds:,.0f} rows/s")
         results.append({"workers": count, "events": events, "rows": rows,
-                        "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
-                        "machine_busy_pct": busy})
-        log(f"fan-out, {count} worker process(es): {rows / seconds:,.0f} rows/s")
-    return results
+                        "rows_per_s": round(statistics.median(rates)), "rounds": rates,
+                        "machine_busy_pct": round(statistics.median(busy), 1) if busy else None})
+    return {"rounds": results, "ceiling_again": ceiling_again}
+
+
+def fanout_ratios(fanout: dict[str, Any], ceiling: dict[str, Any]) -> dict[str, Any]:
+    """The fan-out's medians against the ceiling's best pattern: its median over every time
+    it ran (the sweep and each run between fan-out rounds), and, strictest, its single
+    fastest run of the whole benchmark."""
+    best = ceiling["best"]["rows_per_s"]
+    samples = [best, *(run["rows_per_s"] for run in fanout["ceiling_again"])]
+    median, fastest = statistics.median(samples), max(samples)
+    for row in fanout["rounds"]:
+        row["ratio_to_ceiling"] = round(row["rows_per_s"] / median, 3)
+        row["ratio_to_fastest_ceiling_run"] = round(row["rows_per_s"] / fastest, 3)
+    return {"pattern": ceiling["best"]["pattern"], "runs": samples,
+            "median_rows_per_s": round(median), "fastest_rows_per_s": round(fastest)}
 
 
 # --- 3. delivery latency -----------------------------------------------------------------
@@ -484,12 +517,12 @@ async def run(env: Env, quick: bool, out: Path, sections: set[str]) -> dict[str,
 
         if "fanout" in sections:
             log("fan-out throughput")
+            ceiling = result["ceilings"]["cassandra"] if "ceilings" in result else None
             result["fanout"] = await bench_fanout(
-                env, rt, (1, 2) if quick else (1, 2, 4), fanout_events, authors, followers)
-            if "ceilings" in result:
-                best = result["ceilings"]["cassandra"]["best"]["rows_per_s"]
-                for row in result["fanout"]:
-                    row["ratio_to_ceiling"] = round(row["rows_per_s"] / best, 3)
+                env, rt, (1, 2) if quick else (1, 2, 4), fanout_events, authors, followers,
+                1 if quick else FANOUT_REPEATS, ceiling)
+            if ceiling is not None:
+                result["fanout"]["ceiling"] = fanout_ratios(result["fanout"], ceiling)
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"

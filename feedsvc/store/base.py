@@ -76,8 +76,9 @@ class Store(Protocol):
         """One page of followers and an opaque continuation (None at the end)."""
 
     def follower_pages(self, author_id: str, page_size: int) -> AsyncIterator[list[str]]:
-        """Every follower once, in pages of at most ``page_size``, in no particular order
-        (fan-out's reader: shards are read concurrently where the store has them)."""
+        """Every follower once, in no particular order, in pages of ``page_size`` (only the
+        last may be shorter, so writes are never split finer than they need to be); fan-out's
+        reader: shards are read concurrently where the store has them."""
 
     async def following_page(
         self, user_id: str, after: str | None, limit: int

@@ -496,9 +496,13 @@ class CassandraStore:
         return out, None
 
     async def follower_pages(self, author_id: str, page_size: int) -> AsyncIterator[list[str]]:
-        """All shards are read at once, each paged on its own: a small author's followers
-        arrive in one round trip, a large author's in rounds of one page per shard."""
+        """All shards are read at once, each paged on its own, and what they return is handed
+        on in full pages (only the last may be short): a small author's followers arrive in
+        one round trip and go out as one page, and no write batch is cut short at a shard's
+        end (16 shards of 625 followers would otherwise make 16 pages, each ending in a
+        partial batch)."""
         last = {shard: "" for shard in range(FOLLOWER_SHARDS)}
+        pending: list[str] = []
         while last:
             shards = list(last)
             results = await asyncio.gather(*(
@@ -509,8 +513,13 @@ class CassandraStore:
                     del last[shard]
                 else:
                     last[shard] = rows[-1][0]
-                if rows:
-                    yield [r[0] for r in rows]
+                pending.extend(r[0] for r in rows)
+            full = len(pending) - len(pending) % page_size
+            for start in range(0, full, page_size):
+                yield pending[start:start + page_size]
+            del pending[:full]
+        if pending:
+            yield pending
 
     async def following_page(
         self, user_id: str, after: str | None, limit: int
