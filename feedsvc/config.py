@@ -125,7 +125,7 @@ _VARS: tuple[_Var, ...] = (
     _Var("pull_set_ttl", "FEEDSVC_PULL_SET_TTL", parse_duration,
          "how long a process reuses the set of pull authors (default 1s; 0 = every read)"),
     _Var("fanout_concurrency", "FEEDSVC_FANOUT_CONCURRENCY", _positive_int,
-         "Cassandra requests in flight per process (default 64)"),
+         "Cassandra requests in flight per process (default 32)"),
     _Var("inbox_trim_every", "FEEDSVC_INBOX_TRIM_EVERY", _non_negative_int,
          "one inbox write in N checks the cap (default 0: FEEDSVC_INBOX_MAX / 2)"),
 )
@@ -152,7 +152,7 @@ class Settings:
     claim_idle: float = 60.0
     max_pull_authors: int = 100
     pull_set_ttl: float = 1.0
-    fanout_concurrency: int = 64
+    fanout_concurrency: int = 32
     # One inbox write in N checks the cap (0: inbox_max // 2).
     inbox_trim_every: int = 0
 

@@ -3,7 +3,8 @@
 Entry point ``handle(rt, envelope)`` reads like a table of contents:
 
 - ``deliver_push``: the author's followers, paged ``FOLLOWER_PAGE`` (1,000) at a time, plus
-  the author's own inbox; one upsert per row, many in flight (the store bounds them).
+  the author's own inbox; one upserted row per inbox, written by the store in unlogged
+  batches, several in flight (the store bounds them).
 - ``deliver_pull``: only the author's own inbox; followers pull the author's partition.
 - ``deliver_direct``: exactly the listed audience, whatever the author's reach.
 - ``backfill``: a new follower of a push author gets the author's last 20 events.

@@ -3,7 +3,8 @@
 Schema: ``cql/*.cql`` (applied by ``feedsvc migrate``). Every statement is prepared once at
 ``open``; every call goes through ``execute_async`` bridged into asyncio (``_wait``), so no
 driver call blocks the event loop. Driver exceptions become ``RetryableError`` here.
-Fan-out writes are independent upserts, many in flight under a semaphore.
+Fan-out rows are upserts sent as unlogged batches of rows that share their replicas, at
+most ``concurrency`` requests in flight per process.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class CassandraStore:
     """``Store`` on Cassandra; see the module docstring."""
 
     def __init__(self, cluster: Cluster, session: Session, keyspace: str,
-                 concurrency: int = 64) -> None:
+                 concurrency: int = 32) -> None:
         self.cluster = cluster
         self.session = session
         self.keyspace = keyspace
@@ -201,7 +202,7 @@ class CassandraStore:
 
     @classmethod
     async def open(cls, hosts: Sequence[str], keyspace: str,
-                   concurrency: int = 64) -> CassandraStore:
+                   concurrency: int = 32) -> CassandraStore:
         try:
             cluster, session = await asyncio.to_thread(connect_cluster, hosts)
         except _DRIVER_ERRORS as exc:
