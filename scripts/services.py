@@ -55,6 +55,16 @@ DEFAULT_REDIS_PORT = 16379
 DEFAULT_CQL_PORT = 19042
 DEFAULT_STORAGE_PORT = 17000
 DEFAULT_JMX_PORT = 17199
+# nodetool runs from the server's jars; without a configuration of its own it logs at DEBUG.
+TOOLS_LOGBACK = """<?xml version="1.0" encoding="UTF-8"?>
+<configuration scan="false">
+  <appender name="STDERR" class="ch.qos.logback.core.ConsoleAppender">
+    <target>System.err</target>
+    <encoder><pattern>%-5level %logger{0} - %msg%n</pattern></encoder>
+  </appender>
+  <root level="WARN"><appender-ref ref="STDERR"/></root>
+</configuration>
+"""
 
 REDIS_READY_TIMEOUT_S = 60.0
 CASSANDRA_READY_TIMEOUT_S = 300.0
@@ -934,6 +944,24 @@ unlogged_batch_across_partitions_warn_threshold: 1000
             ]
         return flags
 
+    def nodetool(self, args: Sequence[str]) -> int:
+        """Run Cassandra's nodetool (from the same jars) against this node over its local JMX
+        port; its output goes to this process's stdout and stderr."""
+        if not self.answers():
+            raise ServiceError(f"cassandra is not running at {self.endpoint()}: start it first")
+        java = find_java()
+        lib = self.ensure_jars(java)
+        tools_log = self.dir / "logback-tools.xml"
+        write_atomically(tools_log, TOOLS_LOGBACK)
+        cmd = [java, "-Xmx256m", f"-Dlogback.configurationFile={tools_log.as_uri()}"]
+        for module in JVM_ADD_EXPORTS:
+            cmd += ["--add-exports", f"{module}=ALL-UNNAMED"]
+        for module in JVM_ADD_OPENS:
+            cmd += ["--add-opens", f"{module}=ALL-UNNAMED"]
+        cmd += ["-cp", str(lib / "*"), "org.apache.cassandra.tools.NodeTool",
+                "-h", LOOPBACK, "-p", str(self.settings.jmx_port), *args]
+        return subprocess.run(cmd, check=False).returncode
+
     def prepare(self) -> list[str]:
         try:
             importlib.import_module("cassandra.cluster")
@@ -995,16 +1023,25 @@ def run(command: str, names: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["nodetool"]:
+        # Everything after `nodetool` is nodetool's own, e.g. `nodetool settimeout write 500`.
+        try:
+            return CassandraServer(Settings.from_env()).nodetool(args_list[1:])
+        except ServiceError as exc:
+            print(f"services.py nodetool: error: {exc}", file=sys.stderr, flush=True)
+            return 1
     parser = argparse.ArgumentParser(
         prog="services.py",
         description="Run feedsvc's local Redis and Cassandra servers on 127.0.0.1.",
-        epilog="See docs/local-servers.md for ports, directories and environment overrides.",
+        epilog="`services.py nodetool ARGS...` runs Cassandra's nodetool against the local "
+        "node. See docs/local-servers.md for ports, directories and environment overrides.",
     )
     parser.add_argument("command", choices=("start", "stop", "status", "env"))
     parser.add_argument(
         "servers", nargs="*", metavar="server", help="redis and/or cassandra (default: both)"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         return run(args.command, args.servers)
     except ServiceError as exc:

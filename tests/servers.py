@@ -79,3 +79,19 @@ def discover(stack: ExitStack) -> Endpoints:
     if docker_engine_answers():
         return from_testcontainers(stack)
     return from_local_servers()
+
+
+def local_nodetool(endpoints: Endpoints, *args: str) -> None:
+    """Run nodetool against the suite's Cassandra when it is the project's local node
+    (``scripts/services.py nodetool``). Raises ``LookupError`` when it is another node (from
+    the environment or testcontainers), where the local JMX port does not reach it."""
+    services = [sys.executable, str(ROOT / "scripts" / "services.py")]
+    env = subprocess.run([*services, "env"], check=True, capture_output=True, text=True,
+                         timeout=60)
+    local = dict(line.split("=", 1) for line in env.stdout.splitlines() if "=" in line)
+    if tuple(local.get("FEEDSVC_CASSANDRA_HOSTS", "").split(",")) != endpoints.cassandra_hosts:
+        raise LookupError(f"the tests' Cassandra ({','.join(endpoints.cassandra_hosts)}) is "
+                          "not the local node scripts/services.py runs")
+    subprocess.run([*services, "nodetool", *args], check=True, capture_output=True,
+                   timeout=120)
+

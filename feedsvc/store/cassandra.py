@@ -22,6 +22,7 @@ from cassandra import (
     OperationTimedOut,
     RequestExecutionException,
     RequestValidationException,
+    WriteTimeout,
 )
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
@@ -52,6 +53,11 @@ BATCH_BYTES = 44_000
 ROW_OVERHEAD = 160  # created_at, direct, cell metadata, TTLs and timestamps, with a margin
 BUSY_RETRIES = 20  # sends refused because the sockets were full, before giving up
 BUSY_PAUSE_S = 0.005  # times the attempt number
+# An inbox batch the node did not apply in time (a server write timeout, under overload) is
+# sent again on its own, after 50 ms, 100 ms, ... (at most 1 s each, 3.5 s in all): every row
+# is an upsert, and failing the task would make the worker write all of the event's rows again.
+TIMEOUT_RETRIES = 8
+TIMEOUT_PAUSE_S = 0.05
 BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
 _PULL_SHARD = 0
 _UNPAGED = {"pull_authors", "inbox_keys", "inbox_positions"}
@@ -165,12 +171,19 @@ async def _wait(future: ResponseFuture) -> list[Any]:
         return await result
     except RequestValidationException:
         raise  # the request itself is wrong: retrying cannot help; callers decide
+    except WriteTimeout as exc:
+        raise _WriteTimedOut(f"cassandra: {exc}") from exc
     except NoHostAvailable as exc:
         if exc.errors and all(isinstance(e, ConnectionBusy) for e in exc.errors.values()):
             raise _SocketsFull(f"cassandra: {exc}") from exc
         raise RetryableError(f"cassandra: {exc}") from exc
     except _DRIVER_ERRORS as exc:
         raise RetryableError(f"cassandra: {exc}") from exc
+
+
+class _WriteTimedOut(RetryableError):
+    """The coordinator did not hear back from enough replicas within its write timeout. The
+    write may or may not have been applied."""
 
 
 class _SocketsFull(RetryableError):
@@ -199,6 +212,7 @@ class CassandraStore:
         self.keyspace = keyspace
         self._limit = asyncio.Semaphore(concurrency)
         self._ps: dict[str, PreparedStatement] = {}
+        self.batches_resent = 0  # inbox batches sent again after a server write timeout
 
     @classmethod
     async def open(cls, hosts: Sequence[str], keyspace: str,
@@ -405,7 +419,15 @@ class CassandraStore:
     async def _send_rows(self, rows: Sequence[str], shared: tuple[bytes, ...]) -> None:
         batch = inbox_batch(self._ps["write_inbox"], rows, shared)
         try:
-            await self._execute(batch)
+            for attempt in range(1, TIMEOUT_RETRIES + 1):
+                try:
+                    await self._execute(batch)
+                    break
+                except _WriteTimedOut:
+                    if attempt == TIMEOUT_RETRIES:
+                        raise
+                    self.batches_resent += 1
+                    await asyncio.sleep(min(1.0, TIMEOUT_PAUSE_S * 2 ** (attempt - 1)))
             # The driver keeps every finished request referenced until its timeout timer
             # expires (request_timeout, 30 s), and with it the batch's rows: a busy worker
             # would carry the last 30 s of rows, which Python's collector walks again and
