@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from feedsvc.clock import now_ms
+from feedsvc.errors import ConfigError
 from feedsvc.model import Event, InboxItem, Position
 from feedsvc.runtime import Runtime
 from feedsvc.store.cassandra import CassandraStore
@@ -243,4 +244,10 @@ async def test_cassandra_resends_a_batch_after_a_write_timeout(
     assert cassandra_store.batches_resent > resent  # timeouts did happen
     inboxes = await asyncio.gather(*(cassandra_store.read_inbox(u, None, 5) for u in users))
     assert all([i.event_id for i in inbox] == [item.event_id] for inbox in inboxes)
+
+
+async def test_cassandra_store_names_a_missing_keyspace(endpoints: Endpoints) -> None:
+    """A worker or API started before ``feedsvc migrate`` says so, not with a driver trace."""
+    with pytest.raises(ConfigError, match="feedsvc migrate"):
+        await CassandraStore.open(endpoints.cassandra_hosts, "feedsvc_never_migrated")
 

@@ -37,7 +37,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, tuple_factory
 
 from feedsvc.clock import now_ms
-from feedsvc.errors import PermanentError, RetryableError
+from feedsvc.errors import ConfigError, PermanentError, RetryableError
 from feedsvc.model import MAX_FUTURE_MS, Event, InboxItem, Mode, Position
 
 TUPLES = "tuples"  # execution profile returning rows as plain tuples
@@ -222,7 +222,18 @@ class CassandraStore:
         except _DRIVER_ERRORS as exc:
             raise RetryableError(f"cannot reach Cassandra at {','.join(hosts)}: {exc}") from exc
         store = cls(cluster, session, keyspace, concurrency)
-        await asyncio.to_thread(store._prepare_all)
+        try:
+            if keyspace not in cluster.metadata.keyspaces:
+                raise ConfigError(f"Cassandra has no keyspace {keyspace!r}: run `feedsvc "
+                                  "migrate` first (FEEDSVC_KEYSPACE names it)")
+            await asyncio.to_thread(store._prepare_all)
+        except InvalidRequest as exc:  # a table missing: an older or partial migration
+            await store.close()
+            raise ConfigError(f"keyspace {keyspace!r} is not migrated ({exc}): run `feedsvc "
+                              "migrate`") from exc
+        except BaseException:
+            await store.close()
+            raise
         quiet = logging.getLogger("cassandra.protocol")
         if not any(isinstance(f, _QuietBatchWarnings) for f in quiet.filters):
             quiet.addFilter(_QuietBatchWarnings())
