@@ -446,8 +446,8 @@ def _statements(metadata: Any, prepared: Any, job: _InsertJob) -> Iterator[tuple
     """(statement, rows in it) for the job's rows, built lazily (while the pump sends).
 
     Row ``i`` goes to user ``i % partitions`` as part of event ``i // partitions``; up to
-    ``GROUP_ROWS`` of an event at a time are grouped by replica set and cut into batches, the
-    way feedsvc's fan-out writes a page of followers."""
+    ``GROUP_ROWS`` of an event at a time are grouped by replica set and cut into batches by
+    the same code feedsvc's fan-out uses for a page of followers."""
     blob = bytes(i % 251 for i in range(job.payload_bytes))
     per_event = job.partitions or job.first_row + job.rows
     end = job.first_row + job.rows

@@ -617,6 +617,16 @@ class RedisServer(Server):
 # --------------------------------------------------------------------------- cassandra
 
 
+def module_access_flags() -> list[str]:
+    """The JDK module exports and opens Cassandra's classes need (server and nodetool)."""
+    flags: list[str] = []
+    for module in JVM_ADD_EXPORTS:
+        flags += ["--add-exports", f"{module}=ALL-UNNAMED"]
+    for module in JVM_ADD_OPENS:
+        flags += ["--add-opens", f"{module}=ALL-UNNAMED"]
+    return flags
+
+
 def cassandra_version() -> str:
     """The version pinned in scripts/cassandra-pom/pom.xml (the only place it is written)."""
     try:
@@ -895,10 +905,7 @@ unlogged_batch_across_partitions_warn_threshold: 1000
         if jamm:
             cmd.append(f"-javaagent:{jamm[-1]}")
         cmd.append("-Djdk.attach.allowAttachSelf=true")
-        for module in JVM_ADD_EXPORTS:
-            cmd += ["--add-exports", f"{module}=ALL-UNNAMED"]
-        for module in JVM_ADD_OPENS:
-            cmd += ["--add-opens", f"{module}=ALL-UNNAMED"]
+        cmd += module_access_flags()
         cmd += self._full_jdk_flags(java)
         cmd += [
             "-Dio.netty.tryReflectionSetAccessible=true",
@@ -954,10 +961,7 @@ unlogged_batch_across_partitions_warn_threshold: 1000
         tools_log = self.dir / "logback-tools.xml"
         write_atomically(tools_log, TOOLS_LOGBACK)
         cmd = [java, "-Xmx256m", f"-Dlogback.configurationFile={tools_log.as_uri()}"]
-        for module in JVM_ADD_EXPORTS:
-            cmd += ["--add-exports", f"{module}=ALL-UNNAMED"]
-        for module in JVM_ADD_OPENS:
-            cmd += ["--add-opens", f"{module}=ALL-UNNAMED"]
+        cmd += module_access_flags()
         cmd += ["-cp", str(lib / "*"), "org.apache.cassandra.tools.NodeTool",
                 "-h", LOOPBACK, "-p", str(self.settings.jmx_port), *args]
         return subprocess.run(cmd, check=False).returncode

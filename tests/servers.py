@@ -63,9 +63,7 @@ def from_local_servers() -> Endpoints:
         [sys.executable, str(ROOT / "scripts" / "services.py"), "start"],
         check=True, capture_output=True, text=True, timeout=1200,
     )
-    values = dict(
-        line.split("=", 1) for line in result.stdout.splitlines() if "=" in line
-    )
+    values = _assignments(result.stdout)
     return Endpoints(
         tuple(values["FEEDSVC_CASSANDRA_HOSTS"].split(",")), values["FEEDSVC_REDIS_URL"],
         "local",
@@ -81,6 +79,11 @@ def discover(stack: ExitStack) -> Endpoints:
     return from_local_servers()
 
 
+def _assignments(text: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines, as ``scripts/services.py start`` and ``env`` print them."""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
 def local_nodetool(endpoints: Endpoints, *args: str) -> None:
     """Run nodetool against the suite's Cassandra when it is the project's local node
     (``scripts/services.py nodetool``). Raises ``LookupError`` when it is another node (from
@@ -88,10 +91,12 @@ def local_nodetool(endpoints: Endpoints, *args: str) -> None:
     services = [sys.executable, str(ROOT / "scripts" / "services.py")]
     env = subprocess.run([*services, "env"], check=True, capture_output=True, text=True,
                          timeout=60)
-    local = dict(line.split("=", 1) for line in env.stdout.splitlines() if "=" in line)
-    if tuple(local.get("FEEDSVC_CASSANDRA_HOSTS", "").split(",")) != endpoints.cassandra_hosts:
+    local = _assignments(env.stdout).get("FEEDSVC_CASSANDRA_HOSTS", "")
+    if tuple(local.split(",")) != endpoints.cassandra_hosts:
         raise LookupError(f"the tests' Cassandra ({','.join(endpoints.cassandra_hosts)}) is "
                           "not the local node scripts/services.py runs")
-    subprocess.run([*services, "nodetool", *args], check=True, capture_output=True,
-                   timeout=120)
-
+    result = subprocess.run([*services, "nodetool", *args], capture_output=True, text=True,
+                            timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"nodetool {' '.join(args)} failed ({result.returncode}): "
+                           f"{result.stderr.strip()[-2000:]}")

@@ -77,8 +77,8 @@ class Store(Protocol):
 
     def follower_pages(self, author_id: str, page_size: int) -> AsyncIterator[list[str]]:
         """Every follower once, in no particular order, in pages of ``page_size`` (only the
-        last may be shorter, so writes are never split finer than they need to be); fan-out's
-        reader: shards are read concurrently where the store has them."""
+        last may be shorter, so a store's shards never cut a page short); fan-out's reader:
+        shards are read concurrently where the store has them."""
 
     async def following_page(
         self, user_id: str, after: str | None, limit: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -40,6 +41,8 @@ from feedsvc.clock import now_ms
 from feedsvc.errors import ConfigError, PermanentError, RetryableError
 from feedsvc.model import MAX_FUTURE_MS, Event, InboxItem, Mode, Position
 
+log = logging.getLogger(__name__)
+
 TUPLES = "tuples"  # execution profile returning rows as plain tuples
 FOLLOWER_SHARDS = 16  # partitions per author in followers_by_author
 # Inbox rows per unlogged batch: bounded by count and by an estimate of the mutation size
@@ -54,9 +57,10 @@ ROW_OVERHEAD = 160  # created_at, direct, cell metadata, TTLs and timestamps, wi
 BUSY_RETRIES = 20  # sends refused because the sockets were full, before giving up
 BUSY_PAUSE_S = 0.005  # times the attempt number
 # An inbox batch the node did not apply in time (a server write timeout, under overload) is
-# sent again on its own, after 50 ms, 100 ms, ... (at most 1 s each, 3.5 s in all): every row
-# is an upsert, and failing the task would make the worker write all of the event's rows again.
-TIMEOUT_RETRIES = 8
+# sent again on its own, up to TIMEOUT_TRIES sends in all, after pauses of 50 ms, 100 ms, ...
+# (at most 1 s each, with jitter): every row is an upsert, and failing the task would make
+# the worker write all of the event's rows again.
+TIMEOUT_TRIES = 8
 TIMEOUT_PAUSE_S = 0.05
 BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
 _PULL_SHARD = 0
@@ -209,7 +213,9 @@ class CassandraStore:
                  concurrency: int = 32) -> None:
         self.cluster = cluster
         self.session = session
-        self.keyspace = keyspace
+        # Statements name the keyspace unquoted, so Cassandra folds it to lower case; the
+        # driver's metadata (replicas, keyspace list) knows it only by that name.
+        self.keyspace = keyspace.lower()
         self._limit = asyncio.Semaphore(concurrency)
         self._ps: dict[str, PreparedStatement] = {}
         self.batches_resent = 0  # inbox batches sent again after a server write timeout
@@ -223,14 +229,19 @@ class CassandraStore:
             raise RetryableError(f"cannot reach Cassandra at {','.join(hosts)}: {exc}") from exc
         store = cls(cluster, session, keyspace, concurrency)
         try:
-            if keyspace not in cluster.metadata.keyspaces:
-                raise ConfigError(f"Cassandra has no keyspace {keyspace!r}: run `feedsvc "
-                                  "migrate` first (FEEDSVC_KEYSPACE names it)")
+            if store.keyspace not in cluster.metadata.keyspaces:
+                raise ConfigError(f"Cassandra has no keyspace {store.keyspace!r}: run "
+                                  "`feedsvc migrate` first (FEEDSVC_KEYSPACE names it)")
             await asyncio.to_thread(store._prepare_all)
-        except InvalidRequest as exc:  # a table missing: an older or partial migration
+        except InvalidRequest as exc:
             await store.close()
-            raise ConfigError(f"keyspace {keyspace!r} is not migrated ({exc}): run `feedsvc "
-                              "migrate`") from exc
+            if "does not exist" in str(exc):  # a table missing: an older or partial migration
+                raise ConfigError(f"keyspace {store.keyspace!r} is not migrated ({exc}): run "
+                                  "`feedsvc migrate`") from exc
+            raise
+        except _DRIVER_ERRORS as exc:
+            await store.close()
+            raise RetryableError(f"cassandra: preparing statements failed: {exc}") from exc
         except BaseException:
             await store.close()
             raise
@@ -430,26 +441,32 @@ class CassandraStore:
     async def _send_rows(self, rows: Sequence[str], shared: tuple[bytes, ...]) -> None:
         batch = inbox_batch(self._ps["write_inbox"], rows, shared)
         try:
-            for attempt in range(1, TIMEOUT_RETRIES + 1):
+            for attempt in range(1, TIMEOUT_TRIES + 1):
                 try:
                     await self._execute(batch)
                     break
                 except _WriteTimedOut:
-                    if attempt == TIMEOUT_RETRIES:
+                    # Sent again with a new write time: like a redone task, a row an unmerge
+                    # deleted meanwhile can come back; reads skip unfollowed authors anyway.
+                    if attempt == TIMEOUT_TRIES:
                         raise
                     self.batches_resent += 1
-                    await asyncio.sleep(min(1.0, TIMEOUT_PAUSE_S * 2 ** (attempt - 1)))
-            # The driver keeps every finished request referenced until its timeout timer
-            # expires (request_timeout, 30 s), and with it the batch's rows: a busy worker
-            # would carry the last 30 s of rows, which Python's collector walks again and
-            # again. Drop them now.
-            batch.clear()
+                    log.debug("inbox batch of %d rows timed out on the node; send %d of %d",
+                              len(rows), attempt + 1, TIMEOUT_TRIES)
+                    pause = min(1.0, TIMEOUT_PAUSE_S * 2 ** (attempt - 1))
+                    await asyncio.sleep(pause * random.uniform(0.5, 1.0))
         except InvalidRequest as exc:
             if "Batch too large" not in str(exc) or len(rows) == 1:
                 raise PermanentError(f"cassandra refused an inbox write: {exc}") from exc
             half = len(rows) // 2
             await asyncio.gather(self._send_rows(rows[:half], shared),
                                  self._send_rows(rows[half:], shared))
+        finally:
+            # The driver keeps every finished request referenced until its timeout timer
+            # expires (request_timeout, 30 s), and with it the batch's rows: a busy worker
+            # would carry the last 30 s of rows, which Python's collector walks again and
+            # again. Drop them now.
+            batch.clear()
 
     async def read_inbox(
         self, user_id: str, before: Position | None, limit: int
