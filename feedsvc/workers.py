@@ -80,11 +80,24 @@ async def run_consumer(rt: Runtime, name: str, stop: asyncio.Event, *,
 
 async def run_workers(rt: Runtime, concurrency: int, stop: asyncio.Event, *,
                       burst: bool = False) -> int:
-    """Run ``concurrency`` consumers in this process until ``stop`` (or drained, in burst)."""
-    counts = await asyncio.gather(*(
-        run_consumer(rt, consumer_name(i), stop, burst=burst) for i in range(concurrency)
-    ))
-    return sum(counts)
+    """Run ``concurrency`` consumers in this process until ``stop`` (or drained, in burst).
+
+    Cancelled (SIGTERM), or when one consumer fails, it sets ``stop``, cancels the others
+    and returns only once every consumer has ended, so the runtime is never closed under a
+    consumer still at work (a plain ``gather`` hands the first cancellation on at once and
+    leaves the rest running; they then met closed connections, logged them as outages and
+    went into retry back-off until the event loop closed). ``stop`` covers a consumer whose
+    cancellation a library swallowed: it leaves at its next claim."""
+    consumers = [asyncio.ensure_future(run_consumer(rt, consumer_name(i), stop, burst=burst))
+                 for i in range(concurrency)]
+    try:
+        return sum(await asyncio.gather(*consumers))
+    except BaseException:
+        stop.set()
+        for consumer in consumers:
+            consumer.cancel()
+        await asyncio.gather(*consumers, return_exceptions=True)
+        raise
 
 
 async def drain(rt: Runtime, concurrency: int = 4) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from feedsvc.workers import run_consumer
+from feedsvc.workers import run_consumer, run_workers
 from tests.conftest import MakeApi
 
 # --- validation and auth ------------------------------------------------------------------
@@ -400,6 +400,26 @@ async def test_high_priority_overtakes_a_low_backlog(make_api: MakeApi) -> None:
         await worker
     await api.drain()
     assert len(await api.rows(fan)) == 151
+
+
+async def test_stopping_workers_ends_every_consumer_first(make_api: MakeApi) -> None:
+    """SIGTERM cancels ``run_workers`` while its consumers are busy fanning out; by the time
+    it has ended, so has every consumer (and every page write they started), with the
+    queue and store still open: none is left to meet closed connections."""
+    api = await make_api(celebrity_threshold=10_000)
+    author = api.user("author")
+    await api.bulk([(api.user(f"f{i}"), author) for i in range(1_000)])
+    for _ in range(80):
+        await api.post_ok(author)
+    before = asyncio.all_tasks()
+    workers = asyncio.create_task(run_workers(api.rt, 8, asyncio.Event()))
+    await asyncio.sleep(0.3)  # consumers in the middle of fan-outs
+    workers.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await workers
+    left = [t for t in asyncio.all_tasks() - before if t is not workers and not t.done()]
+    assert left == []
+    assert (await api.rt.queue.stats()).depth["medium"] > 0  # stopped mid-way, not drained
 
 
 async def test_stale_low_events_are_shed(make_api: MakeApi) -> None:
