@@ -9,12 +9,15 @@ With ``CI=true`` a server that cannot be had is an error, never a skip.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,19 +87,25 @@ def _assignments(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
+@functools.cache
+def _local_cassandra_hosts() -> tuple[str, ...]:
+    """Where ``scripts/services.py`` runs its Cassandra node (asked once per test run)."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "services.py"), "env"],
+                            check=True, capture_output=True, text=True, timeout=60)
+    return tuple(_assignments(result.stdout).get("FEEDSVC_CASSANDRA_HOSTS", "").split(","))
+
+
 def local_nodetool(endpoints: Endpoints, *args: str) -> None:
-    """Run nodetool against the suite's Cassandra when it is the project's local node
-    (``scripts/services.py nodetool``). Raises ``LookupError`` when it is another node (from
-    the environment or testcontainers), where the local JMX port does not reach it."""
-    services = [sys.executable, str(ROOT / "scripts" / "services.py")]
-    env = subprocess.run([*services, "env"], check=True, capture_output=True, text=True,
-                         timeout=60)
-    local = _assignments(env.stdout).get("FEEDSVC_CASSANDRA_HOSTS", "")
-    if tuple(local.split(",")) != endpoints.cassandra_hosts:
-        raise LookupError(f"the tests' Cassandra ({','.join(endpoints.cassandra_hosts)}) is "
-                          "not the local node scripts/services.py runs")
-    result = subprocess.run([*services, "nodetool", *args], capture_output=True, text=True,
-                            timeout=120)
+    """Run nodetool against the suite's Cassandra (``scripts/services.py nodetool``). Only
+    the project's local node is reachable that way (its JMX port); tests that need nodetool
+    fail, not skip, against any other node."""
+    if _local_cassandra_hosts() != endpoints.cassandra_hosts:
+        pytest.fail(f"this test needs nodetool, which reaches only the local node "
+                    f"scripts/services.py runs, not {','.join(endpoints.cassandra_hosts)}; "
+                    "run it with `make test`", pytrace=False)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "services.py"), "nodetool", *args],
+        capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise RuntimeError(f"nodetool {' '.join(args)} failed ({result.returncode}): "
                            f"{result.stderr.strip()[-2000:]}")

@@ -56,9 +56,9 @@ BATCH_BYTES = 44_000
 ROW_OVERHEAD = 160  # created_at, direct, cell metadata, TTLs and timestamps, with a margin
 BUSY_RETRIES = 20  # sends refused because the sockets were full, before giving up
 BUSY_PAUSE_S = 0.005  # times the attempt number
-# An inbox batch the node did not apply in time (a server write timeout, under overload) is
-# sent again on its own, up to TIMEOUT_TRIES sends in all, after pauses of 50 ms, 100 ms, ...
-# (at most 1 s each, with jitter): every row is an upsert, and failing the task would make
+# An idempotent request (an inbox batch) the node did not apply in time (a server write
+# timeout, under overload) is sent again on its own, up to TIMEOUT_TRIES sends in all, after
+# pauses of 50 ms, 100 ms, ... (at most 1 s each, with jitter): failing the task would make
 # the worker write all of the event's rows again.
 TIMEOUT_TRIES = 8
 TIMEOUT_PAUSE_S = 0.05
@@ -105,6 +105,7 @@ def inbox_batch(ps: PreparedStatement, user_ids: Sequence[str],
     row costs the client more than Cassandra spends writing it), as tuples of bytes, which
     the garbage collector stops tracking after one pass; the first row's key routes it."""
     batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+    batch.is_idempotent = True  # upserts: safe to send again (``CassandraStore._execute``)
     batch.keyspace = ps.keyspace
     batch.routing_key = user_ids[0].encode()
     for user_id in user_ids:
@@ -218,7 +219,7 @@ class CassandraStore:
         self.keyspace = keyspace.lower()
         self._limit = asyncio.Semaphore(concurrency)
         self._ps: dict[str, PreparedStatement] = {}
-        self.batches_resent = 0  # inbox batches sent again after a server write timeout
+        self.requests_resent = 0  # idempotent requests sent again after a write timeout
 
     @classmethod
     async def open(cls, hosts: Sequence[str], keyspace: str,
@@ -229,19 +230,7 @@ class CassandraStore:
             raise RetryableError(f"cannot reach Cassandra at {','.join(hosts)}: {exc}") from exc
         store = cls(cluster, session, keyspace, concurrency)
         try:
-            if store.keyspace not in cluster.metadata.keyspaces:
-                raise ConfigError(f"Cassandra has no keyspace {store.keyspace!r}: run "
-                                  "`feedsvc migrate` first (FEEDSVC_KEYSPACE names it)")
-            await asyncio.to_thread(store._prepare_all)
-        except InvalidRequest as exc:
-            await store.close()
-            if "does not exist" in str(exc):  # a table missing: an older or partial migration
-                raise ConfigError(f"keyspace {store.keyspace!r} is not migrated ({exc}): run "
-                                  "`feedsvc migrate`") from exc
-            raise
-        except _DRIVER_ERRORS as exc:
-            await store.close()
-            raise RetryableError(f"cassandra: preparing statements failed: {exc}") from exc
+            await store._prepare()
         except BaseException:
             await store.close()
             raise
@@ -249,6 +238,22 @@ class CassandraStore:
         if not any(isinstance(f, _QuietBatchWarnings) for f in quiet.filters):
             quiet.addFilter(_QuietBatchWarnings())
         return store
+
+    async def _prepare(self) -> None:
+        """Check the keyspace is there and prepare every statement; a missing keyspace or
+        table is a configuration error naming ``feedsvc migrate``."""
+        if self.keyspace not in self.cluster.metadata.keyspaces:
+            raise ConfigError(f"Cassandra has no keyspace {self.keyspace!r}: run "
+                              "`feedsvc migrate` first (FEEDSVC_KEYSPACE names it)")
+        try:
+            await asyncio.to_thread(self._prepare_all)
+        except InvalidRequest as exc:
+            if "does not exist" not in str(exc):
+                raise
+            raise ConfigError(f"keyspace {self.keyspace!r} is not migrated ({exc}): run "
+                              "`feedsvc migrate`") from exc  # an older or partial migration
+        except _DRIVER_ERRORS as exc:
+            raise RetryableError(f"cassandra: preparing statements failed: {exc}") from exc
 
     def _prepare_all(self) -> None:
         ks = self.keyspace
@@ -326,20 +331,31 @@ class CassandraStore:
 
     async def _execute(self, statement: Any, params: Any = None,
                        profile: Any = EXEC_PROFILE_DEFAULT) -> list[Any]:
-        """One request, at most ``concurrency`` in flight. When the driver could not send it
-        because the sockets were full, wait a moment and send it again rather than failing
-        the caller (a fan-out task would otherwise redo all its rows)."""
-        attempt = 0
+        """One request, at most ``concurrency`` in flight. Two refusals are sent again here
+        rather than failing the caller (a fan-out task would otherwise redo all its rows):
+        the sockets were full (nothing was sent), and, for a statement marked idempotent, a
+        server write timeout (sent again with a new write time: like a redone task, a row an
+        unmerge deleted meanwhile can come back; reads skip unfollowed authors anyway)."""
+        busy = timeouts = 0
         while True:
             try:
                 async with self._limit:
                     return await _wait(self.session.execute_async(
                         statement, params, execution_profile=profile))
             except _SocketsFull:
-                attempt += 1
-                if attempt >= BUSY_RETRIES:
+                busy += 1
+                if busy >= BUSY_RETRIES:
                     raise
-                await asyncio.sleep(BUSY_PAUSE_S * attempt)
+                await asyncio.sleep(BUSY_PAUSE_S * busy)
+            except _WriteTimedOut:
+                timeouts += 1
+                if not getattr(statement, "is_idempotent", False) or timeouts >= TIMEOUT_TRIES:
+                    raise
+                self.requests_resent += 1
+                log.debug("a request timed out on the node; send %d of %d", timeouts + 1,
+                          TIMEOUT_TRIES)
+                pause = min(1.0, TIMEOUT_PAUSE_S * 2 ** (timeouts - 1))
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
 
     async def ping(self) -> None:
         try:
@@ -441,20 +457,7 @@ class CassandraStore:
     async def _send_rows(self, rows: Sequence[str], shared: tuple[bytes, ...]) -> None:
         batch = inbox_batch(self._ps["write_inbox"], rows, shared)
         try:
-            for attempt in range(1, TIMEOUT_TRIES + 1):
-                try:
-                    await self._execute(batch)
-                    break
-                except _WriteTimedOut:
-                    # Sent again with a new write time: like a redone task, a row an unmerge
-                    # deleted meanwhile can come back; reads skip unfollowed authors anyway.
-                    if attempt == TIMEOUT_TRIES:
-                        raise
-                    self.batches_resent += 1
-                    log.debug("inbox batch of %d rows timed out on the node; send %d of %d",
-                              len(rows), attempt + 1, TIMEOUT_TRIES)
-                    pause = min(1.0, TIMEOUT_PAUSE_S * 2 ** (attempt - 1))
-                    await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+            await self._execute(batch)
         except InvalidRequest as exc:
             if "Batch too large" not in str(exc) or len(rows) == 1:
                 raise PermanentError(f"cassandra refused an inbox write: {exc}") from exc
