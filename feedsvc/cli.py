@@ -162,21 +162,47 @@ def cmd_seed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    """``dlq [list]``: statistics and the newest dead letters; ``dlq show ID``; ``dlq replay
+    ID ... | --all``: put tasks back on their queues (a fan-out redone rewrites the same
+    rows, so replaying something that had half succeeded duplicates nothing)."""
     import msgspec
 
     from feedsvc.runtime import open_queue
 
+    def show(letter: object) -> None:
+        print(msgspec.json.encode(letter).decode())
+
     async def main() -> int:
         queue = await open_queue(settings)
         try:
-            stats = await queue.stats()
-            print(msgspec.json.encode(stats).decode())
-            for letter in await queue.dead_letters(args.limit):
-                print(msgspec.json.encode(letter).decode())
+            if args.action == "list":
+                show(await queue.stats())
+                for letter in await queue.dead_letters(args.limit):
+                    show(letter)
+                return 0
+            if args.action == "show":
+                missing = 0
+                for dlq_id in args.ids:
+                    found = await queue.dead_letter_get(dlq_id)
+                    if found is None:
+                        print(f"dlq: no dead letter {dlq_id}", file=sys.stderr)
+                        missing += 1
+                    else:
+                        show(found)
+                return 1 if missing else 0
+            ids = list(args.ids)
+            if args.all:
+                while batch := await queue.dead_letters(500, ids[-1] if ids else None):
+                    ids += [letter.dlq_id for letter in batch]
+            replayed = [dlq_id for dlq_id in ids if await queue.replay(dlq_id)]
+            print(f"dlq: replayed {len(replayed)} of {len(ids)}")
+            return 0 if len(replayed) == len(ids) else 1
         finally:
             await queue.close()
-        return 0
 
+    if args.action in ("show", "replay") and not (args.ids or args.all):
+        raise ConfigError(f"dlq {args.action} needs dead-letter ids"
+                          + (" or --all" if args.action == "replay" else ""))
     return _run(main())
 
 
@@ -227,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     token_p = command("token", "print a user token (JWT)", cmd_token, ["jwt_secret"])
     token_p.add_argument("user_id")
     token_p.add_argument("--ttl", type=_positive, default=3600, help="seconds")
-    dlq_p = command("dlq", "queue statistics and the newest dead letters", cmd_dlq)
+    dlq_p = command("dlq", "dead letters: list (with queue statistics), show ID, "
+                    "replay ID... | replay --all", cmd_dlq)
+    dlq_p.add_argument("action", nargs="?", default="list", choices=("list", "show", "replay"))
+    dlq_p.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (dlq_id)")
+    dlq_p.add_argument("--all", action="store_true", help="with replay: every dead letter")
     dlq_p.add_argument("--limit", type=_positive, default=20)
     return parser
 

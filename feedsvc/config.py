@@ -89,6 +89,23 @@ def _replication(text: str) -> str:
     return text
 
 
+CONSISTENCY_LEVELS = ("ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM",
+                      "EACH_QUORUM", "LOCAL_ONE")
+SERIAL_LEVELS = ("SERIAL", "LOCAL_SERIAL")
+
+
+def _consistency(text: str) -> str:
+    if text.upper() not in CONSISTENCY_LEVELS:
+        raise ValueError(f"use one of {', '.join(CONSISTENCY_LEVELS)}")
+    return text.upper()
+
+
+def _serial_consistency(text: str) -> str:
+    if text.upper() not in SERIAL_LEVELS:
+        raise ValueError(f"use one of {', '.join(SERIAL_LEVELS)}")
+    return text.upper()
+
+
 @dataclass(frozen=True)
 class _Var:
     attr: str
@@ -119,7 +136,17 @@ _VARS: tuple[_Var, ...] = (
     _Var("low_max_age", "FEEDSVC_LOW_MAX_AGE", _positive_duration,
          "low-priority events queued longer are shed (default 1h)"),
     _Var("claim_idle", "FEEDSVC_CLAIM_IDLE", _positive_duration,
-         "idle time after which a dead consumer's entries are reclaimed (default 60s)"),
+         "idle time after which a dead consumer's entries are reclaimed (default 15s)"),
+    _Var("sweep_after", "FEEDSVC_SWEEP_AFTER", _positive_duration,
+         "an accepted event not fanned out this long after it was queued is queued again "
+         "by the outbox sweeper (default 30s)"),
+    _Var("request_timeout", "FEEDSVC_REQUEST_TIMEOUT", _positive_duration,
+         "a Cassandra or Redis request not answered in this time fails (API: 503) "
+         "(default 5s)"),
+    _Var("consistency", "FEEDSVC_CONSISTENCY", _consistency,
+         "Cassandra consistency level of reads and writes (default LOCAL_QUORUM)"),
+    _Var("serial_consistency", "FEEDSVC_SERIAL_CONSISTENCY", _serial_consistency,
+         "consistency of lightweight transactions (default LOCAL_SERIAL)"),
     _Var("max_pull_authors", "FEEDSVC_MAX_PULL_AUTHORS", _positive_int,
          "celebrities pulled per inbox read (default 100)"),
     _Var("pull_set_ttl", "FEEDSVC_PULL_SET_TTL", parse_duration,
@@ -149,7 +176,11 @@ class Settings:
     inbox_max: int = 800
     inbox_ttl_days: int = 30
     low_max_age: float = 3600.0
-    claim_idle: float = 60.0
+    claim_idle: float = 15.0
+    sweep_after: float = 30.0
+    request_timeout: float = 5.0
+    consistency: str = "LOCAL_QUORUM"
+    serial_consistency: str = "LOCAL_SERIAL"
     max_pull_authors: int = 100
     pull_set_ttl: float = 1.0
     fanout_concurrency: int = 32

@@ -2,6 +2,8 @@
 
 Entry point ``handle(rt, envelope)`` reads like a table of contents:
 
+- ``write_author_partition``: the event in its author's partition (again: intake may not
+  have got that far).
 - ``deliver_push``: the author's followers, paged ``FOLLOWER_PAGE`` (1,000) at a time, plus
   the author's own inbox; one upserted row per inbox, written by the store in unlogged
   batches, several in flight (the store bounds them).
@@ -11,7 +13,8 @@ Entry point ``handle(rt, envelope)`` reads like a table of contents:
 - ``unmerge``: an unfollowed author's pushed rows leave the user's inbox.
 
 Every write is an upsert keyed by (user, created_at, event_id), so a task redone after a
-crash rewrites the same rows: at-least-once delivery, exactly one row per follower.
+crash rewrites the same rows: at-least-once delivery, exactly one row per follower. A
+completed fan-out is settled in the outbox, so the sweeper does not queue it again.
 """
 
 from __future__ import annotations
@@ -49,16 +52,35 @@ async def handle(rt: Runtime, envelope: Envelope) -> None:
 
 
 async def fan_out(rt: Runtime, event: Event) -> int:
-    """Write the event's inbox rows; returns how many rows were written."""
+    """Write the event's inbox rows, then settle it in the outbox; returns how many rows
+    were written."""
     ttl = rt.ttl_left_s(event.created_at)
-    if ttl <= 0:
-        return 0  # already past retention: nothing to show
-    item = InboxItem.of(event)
+    written = 0
+    if ttl > 0:  # else already past retention: nothing to show
+        item = InboxItem.of(event)
+        if event.route == "direct":
+            written = await deliver_direct(rt, item, event.audience or [], ttl)
+        else:
+            # Intake wrote it already, unless it failed or crashed on the way.
+            await write_author_partition(rt, event, ttl)
+            if event.route == "pull":
+                written = await deliver_pull(rt, item, ttl)
+            else:
+                written = await deliver_push(rt, item, ttl)
+    await rt.outbox.settle(event.event_id, event.accepted_at, max(1, ttl))
+    return written
+
+
+async def write_author_partition(rt: Runtime, event: Event, ttl: int) -> None:
+    """The event in its author's partition (direct events never enter it), and for a pull
+    event the author in the pull set for as long as the event is retained (it may be
+    dated a little into the future). Upserts: intake and the worker both write them."""
     if event.route == "direct":
-        return await deliver_direct(rt, item, event.audience or [], ttl)
+        return
+    await rt.store.put_author_event(InboxItem.of(event), ttl)
     if event.route == "pull":
-        return await deliver_pull(rt, item, ttl)
-    return await deliver_push(rt, item, ttl)
+        await rt.store.touch_pull_author(
+            event.author_id, max(rt.settings.retention_ms // 1000, ttl))
 
 
 async def _write(rt: Runtime, users: Sequence[str], item: InboxItem, ttl: int) -> None:

@@ -4,21 +4,26 @@ validate -> route by the author's reach -> store once (door dedup on event_id) -
 author's partition -> enqueue the fan-out task -> 202. Only the cheap, bounded work happens
 here; everything proportional to an audience runs in the workers.
 
-Crash safety: the event row is written first with insert-if-absent and a flag that says
-whether its task was enqueued. A retry of a request that died half way finds the row, sees
-the same body, finishes the remaining (idempotent) steps and answers ``duplicate``.
+Nothing accepted is lost: the outbox row (``Outbox.record``) is written before the event
+row (insert-if-absent, the door dedup), and once the event row is stored the answer is 202
+whatever happens next. A failed enqueue (Redis down) or a crash before it leaves the event
+in the outbox, and the sweeper (``feedsvc/sweeper.py``) queues it. A retry of a request that
+died half way finds the row, sees the same body, finishes the remaining (idempotent) steps
+and answers ``duplicate``. The answer is 503 only when the event could not be stored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
 
-from feedsvc.errors import InvalidRequest, Unprocessable
+from feedsvc.errors import InvalidRequest, RetryableError, Unprocessable
+from feedsvc.fanout import write_author_partition
 from feedsvc.graph import refresh_mode
 from feedsvc.model import (
     EVENT_ID_PATTERN,
@@ -29,10 +34,11 @@ from feedsvc.model import (
     Event,
     EventIn,
     FanoutTask,
-    InboxItem,
     Route,
 )
 from feedsvc.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 _EVENT_ID = re.compile(EVENT_ID_PATTERN)
 _ID = re.compile(r"^[^\s/\x00-\x1f\x7f]{1,64}$")
@@ -165,30 +171,38 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
     if ttl < 1:
         raise Unprocessable("created_at is older than the inbox retention", code="too_old",
                             field="created_at")
+    # The outbox row first: a stored event is then never missing from it, whatever fails
+    # or crashes after this point (the sweeper finishes the work).
+    await rt.outbox.record(event.event_id, event.accepted_at, ttl)
     existing = await rt.store.insert_event(event, ttl)
     if existing is None:
-        await _publish(rt, event, ttl)
+        await publish(rt, event)
         return 202, Accepted(event.event_id, "accepted", event.route)
     if existing.body_hash != body_hash:
         raise Unprocessable("event_id was already used with a different body",
                             code="idempotency_key_reused", field="event_id")
-    if not await rt.store.is_enqueued(existing.event_id):
-        # The first request died before its task was queued: finish its work now.
-        await _publish(rt, existing, rt.ttl_left_s(existing.created_at))
+    row = await rt.outbox.outbox_row(existing.event_id, existing.accepted_at)
+    if row is None or not (row.done or row.queued_at):
+        # The first request died before its task was queued: finish its work now rather
+        # than wait for the sweeper.
+        await publish(rt, existing)
     return 200, Accepted(existing.event_id, "duplicate")
 
 
-async def _publish(rt: Runtime, event: Event, ttl: int) -> None:
-    if event.route != "direct":
-        # Direct events never enter the author's public partition.
-        await rt.store.put_author_event(InboxItem.of(event), ttl)
-    if event.route == "pull":
-        # Readers pull this author for as long as this event is retained (it may be dated
-        # a little into the future).
-        await rt.store.touch_pull_author(
-            event.author_id, max(rt.settings.retention_ms // 1000, ttl))
-    await rt.queue.enqueue(event.priority, Envelope(FanoutTask(event), rt.now_ms()))
-    # The flag must not outlive the event row: its TTL is counted from now, not from the
-    # start of the request.
-    await rt.store.mark_enqueued(event.event_id, max(1, rt.ttl_left_s(event.created_at)))
+async def publish(rt: Runtime, event: Event) -> None:
+    """Make a stored event visible to pulls and queue its fan-out.
 
+    The event is stored and in the outbox by now, so it is accepted whatever happens here:
+    a step that fails (Redis or Cassandra unavailable) is logged and left to the fan-out
+    worker, which writes the author's partition again, and to the outbox sweeper, which
+    queues the task again. Nothing here makes the client see an error."""
+    ttl = max(1, rt.ttl_left_s(event.created_at))
+    try:
+        await write_author_partition(rt, event, ttl)
+    except RetryableError as exc:
+        log.warning("event %s: author partition left to the worker: %s", event.event_id, exc)
+    try:
+        await rt.queue.enqueue(event.priority, Envelope(FanoutTask(event), rt.now_ms()))
+        await rt.outbox.mark_queued(event.event_id, event.accepted_at, rt.now_ms(), ttl)
+    except RetryableError as exc:
+        log.warning("event %s: fan-out left to the outbox sweeper: %s", event.event_id, exc)

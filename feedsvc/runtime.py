@@ -7,6 +7,7 @@ when ``FEEDSVC_CASSANDRA_HOSTS`` is set, else the embedded SQLite store and queu
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from feedsvc.clock import now_ms
 from feedsvc.config import Settings
 from feedsvc.queue.base import Queue
-from feedsvc.store.base import Store
+from feedsvc.store.base import BackendStore, Outbox, Store
 
 
 class PullSetCache:
@@ -34,12 +35,43 @@ class PullSetCache:
         return self.value
 
 
+class WorkerHealth:
+    """What this process's consumers last reported, for ``/readyz`` and ``feedsvc serve``:
+    each consumer beats once per loop (a claim waits at most a second or two, a retry
+    pause at most ``workers.BACKOFF_CAP``); ``failed`` says why the worker task ended."""
+
+    def __init__(self) -> None:
+        self.expected = 0  # consumers this process runs (0: none, an API-only process)
+        self.beats: dict[str, float] = {}
+        self.failed: str | None = None
+        self.ended = asyncio.Event()  # set with ``failed``
+
+    def fail(self, reason: str) -> None:
+        self.failed = reason
+        self.ended.set()
+
+    def beat(self, consumer: str) -> None:
+        self.beats[consumer] = time.monotonic()
+
+    def problem(self, silent_after: float = 60.0) -> str | None:
+        """Why the in-process workers are not healthy, or None."""
+        if self.failed is not None:
+            return self.failed
+        now = time.monotonic()
+        alive = sum(1 for t in self.beats.values() if now - t < silent_after)
+        if alive < self.expected:
+            return f"{self.expected - alive} of {self.expected} workers silent"
+        return None
+
+
 @dataclass(frozen=True)
 class Runtime:
     settings: Settings
     store: Store
     queue: Queue
+    outbox: Outbox  # both stores implement it beside ``Store``: pass the same object
     pull_set: PullSetCache = field(default_factory=PullSetCache)
+    health: WorkerHealth = field(default_factory=lambda: WorkerHealth())
 
     def now_ms(self) -> int:
         return now_ms()
@@ -60,7 +92,7 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-async def open_store(settings: Settings) -> Store:
+async def open_store(settings: Settings) -> BackendStore:
     if settings.embedded:
         from feedsvc.store.sqlite import SqliteStore
 
@@ -68,7 +100,9 @@ async def open_store(settings: Settings) -> Store:
     from feedsvc.store.cassandra import CassandraStore
 
     return await CassandraStore.open(
-        settings.cassandra_hosts, settings.keyspace, settings.fanout_concurrency
+        settings.cassandra_hosts, settings.keyspace, settings.fanout_concurrency,
+        request_timeout=settings.request_timeout, consistency=settings.consistency,
+        serial_consistency=settings.serial_consistency,
     )
 
 
@@ -85,6 +119,7 @@ async def open_queue(settings: Settings) -> Queue:
     assert settings.redis_url is not None
     return await RedisQueue.open(
         settings.redis_url, prefix=settings.queue_prefix,
+        request_timeout=settings.request_timeout,
         claim_idle=settings.claim_idle, low_max_age=settings.low_max_age,
     )
 
@@ -96,7 +131,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     try:
         queue = await open_queue(settings)
         try:
-            yield Runtime(settings, store, queue)
+            yield Runtime(settings, store, queue, outbox=store)
         finally:
             await queue.close()
     finally:

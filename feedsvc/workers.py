@@ -1,30 +1,41 @@
 """Worker run loops: claim a task (high before medium before low), run it, acknowledge.
 
-At-least-once: an entry is acknowledged only after its writes. A task that raises a
-``RetryableError`` is retried here with exponential backoff and jitter; when the retries
-are exhausted, or the error is permanent, the entry goes to the dead-letter stream with
-the reason. A worker killed mid-task leaves its entry pending; another consumer reclaims
-it after ``FEEDSVC_CLAIM_IDLE`` and redoes it (every write is an upsert).
+At-least-once: an entry is acknowledged only after its writes. A worker killed mid-task
+leaves its entry pending; another consumer reclaims it after ``FEEDSVC_CLAIM_IDLE`` and
+redoes it (every write is an upsert).
+
+A dependency outage is not a failed task. A task that raises ``RetryableError`` (Cassandra
+or Redis unavailable, a request that timed out) is retried here with capped, jittered
+backoff for as long as that lasts; its entry stays pending meanwhile and the consumer
+takes nothing else, so an outage neither loses work nor hot-loops. Only a task retrying
+cannot fix (a bug, invalid data: any other exception) goes to the dead-letter stream, with
+reason ``poison``. An error anywhere in a consumer's loop (claim, acknowledge, dead-letter)
+is logged in one line and waited out; it never ends the consumer or the process. Each
+worker process also runs the outbox sweeper (``feedsvc/sweeper.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
+from collections.abc import Awaitable, Callable
 
 from feedsvc import fanout
 from feedsvc.errors import RetryableError
+from feedsvc.model import FanoutTask
 from feedsvc.queue.base import Delivery
 from feedsvc.runtime import Runtime
+from feedsvc.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
-RETRIES = 5
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 10.0
+LOG_EVERY = 10  # a task retrying for long logs its 1st, 10th, 20th, ... failure
 
 
 def backoff(attempt: int, rng: random.Random | None = None) -> float:
@@ -37,67 +48,122 @@ def consumer_name(index: int = 0) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{index}"
 
 
-async def process(rt: Runtime, delivery: Delivery) -> None:
-    """Run one delivery to completion: acknowledged, or dead-lettered with a reason."""
-    for attempt in range(1, RETRIES + 1):
+async def _pause(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep ``seconds`` unless ``stop`` is set first; True when stopping."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    return stop.is_set()
+
+
+async def until_done(what: str, step: Callable[[], Awaitable[None]], stop: asyncio.Event,
+                     beat: Callable[[], None] = lambda: None) -> bool:
+    """Run an idempotent ``step`` until it succeeds, backing off while it raises
+    ``RetryableError``; False when ``stop`` was set first (the step did not happen)."""
+    attempt = 0
+    while True:
         try:
-            await fanout.handle(rt, delivery.envelope)
+            await step()
+            return True
         except RetryableError as exc:
-            if attempt == RETRIES:
-                await rt.queue.dead_letter(delivery, "error", str(exc))
-                return
-            log.warning("task %s failed (%s); retry %d", delivery.entry_id, exc, attempt)
-            await asyncio.sleep(backoff(attempt))
-        except Exception as exc:  # a bug or bad data: retrying cannot help
-            log.exception("task %s failed permanently", delivery.entry_id)
-            await rt.queue.dead_letter(delivery, "poison", repr(exc))
+            attempt += 1
+            if attempt == 1 or attempt % LOG_EVERY == 0:
+                log.warning("%s failed (%s); retrying (attempt %d)", what, exc, attempt)
+        beat()
+        if await _pause(stop, backoff(attempt)):
+            return False
+
+
+async def process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None = None,
+                  beat: Callable[[], None] = lambda: None) -> None:
+    """Run one entry to completion: acknowledged, or dead-lettered with a reason. When
+    ``stop`` is set first the entry is left pending, for another consumer to take over."""
+    stop = stop or asyncio.Event()
+    what = f"task {delivery.entry_id}"
+    try:
+        if not await until_done(what, lambda: fanout.handle(rt, delivery.envelope), stop,
+                                beat):
             return
-        else:
-            await rt.queue.ack(delivery)
-            return
+    except Exception as exc:  # a bug or bad data: retrying cannot help
+        log.exception("%s failed permanently; dead-lettered", what)
+        detail = repr(exc)
+        await until_done(f"dead-lettering {what}", lambda: _dead_letter(rt, delivery, detail),
+                         stop, beat)
+        return
+    await until_done(f"acknowledging {what}", lambda: rt.queue.ack(delivery), stop, beat)
+
+
+async def _dead_letter(rt: Runtime, delivery: Delivery, detail: str) -> None:
+    task = delivery.envelope.task
+    if isinstance(task, FanoutTask):
+        # Settled: the sweeper leaves it to the dead letters (``feedsvc dlq replay``).
+        event = task.event
+        await rt.outbox.settle(event.event_id, event.accepted_at,
+                               max(1, rt.ttl_left_s(event.created_at)))
+    await rt.queue.dead_letter(delivery, "poison", detail)
 
 
 async def run_consumer(rt: Runtime, name: str, stop: asyncio.Event, *,
                        burst: bool = False, block_s: float = 1.0) -> int:
     """Claim and process until ``stop`` is set (or, in burst mode, the queue is empty).
-    Returns how many entries were processed."""
+    Returns how many entries were processed. Nothing but cancellation ends it early."""
     done = 0
+    failures = 0
+
+    def beat() -> None:
+        rt.health.beat(name)
+
     while not stop.is_set():
+        beat()
         try:
             delivery = await rt.queue.claim(name, 0.05 if burst else block_s)
+            if delivery is None:
+                if burst:
+                    return done
+            else:
+                await process(rt, delivery, stop, beat)
+                done += 1
+            if failures:
+                log.info("consumer %s: queue available again", name)
+            failures = 0
+            continue
         except RetryableError as exc:
-            log.warning("queue unavailable: %s", exc)
-            await asyncio.sleep(1.0)
-            continue
-        if delivery is None:
-            if burst:
-                return done
-            continue
-        await process(rt, delivery)
-        done += 1
+            if failures == 0:
+                log.warning("consumer %s: queue unavailable: %s", name, exc)
+        except Exception:
+            log.exception("consumer %s: unexpected error; carrying on", name)
+        failures += 1
+        await _pause(stop, backoff(failures))
     return done
 
 
 async def run_workers(rt: Runtime, concurrency: int, stop: asyncio.Event, *,
                       burst: bool = False) -> int:
-    """Run ``concurrency`` consumers in this process until ``stop`` (or drained, in burst).
+    """Run ``concurrency`` consumers in this process (and, unless in burst mode, the
+    outbox sweeper) until ``stop`` (or drained, in burst).
 
     Cancelled (SIGTERM), or when one consumer fails, it sets ``stop``, cancels the others
-    and returns only once every consumer has ended, so the runtime is never closed under a
+    and returns only once every task has ended, so the runtime is never closed under a
     consumer still at work (a plain ``gather`` hands the first cancellation on at once and
     leaves the rest running; they then met closed connections, logged them as outages and
     went into retry back-off until the event loop closed). ``stop`` covers a consumer whose
     cancellation a library swallowed: it leaves at its next claim."""
+    rt.health.expected += concurrency
     consumers = [asyncio.ensure_future(run_consumer(rt, consumer_name(i), stop, burst=burst))
                  for i in range(concurrency)]
+    helpers = [] if burst else [
+        asyncio.ensure_future(Sweeper(rt, consumer_name()).run(stop))]
     try:
         return sum(await asyncio.gather(*consumers))
     except BaseException:
         stop.set()
-        for consumer in consumers:
-            consumer.cancel()
-        await asyncio.gather(*consumers, return_exceptions=True)
+        for task in consumers + helpers:
+            task.cancel()
+        await asyncio.gather(*consumers, *helpers, return_exceptions=True)
         raise
+    finally:
+        stop.set()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        rt.health.expected -= concurrency
 
 
 async def drain(rt: Runtime, concurrency: int = 4) -> int:

@@ -130,9 +130,9 @@ async def make_runtime(
                 low_max_age=settings.low_max_age)
             opened.append(queue.close)
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
-            return Runtime(settings, store, queue)
+            return Runtime(settings, store, queue, outbox=store)
         opened.append(queue.close)
-        return Runtime(settings, store, queue)
+        return Runtime(settings, store, queue, outbox=store)
 
     yield factory
     for close in reversed(opened):

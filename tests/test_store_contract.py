@@ -12,6 +12,7 @@ from feedsvc.errors import ConfigError
 from feedsvc.model import Event, InboxItem, Position
 from feedsvc.runtime import Runtime
 from feedsvc.store import cassandra as cassandra_module
+from feedsvc.store.base import OUTBOX_BUCKET_MS, OutboxRow, outbox_bucket
 from feedsvc.store.cassandra import CassandraStore
 from tests.conftest import CassandraKeyspace, MakeRuntime
 from tests.servers import Endpoints, local_nodetool
@@ -37,12 +38,33 @@ async def test_insert_event_once(runtime: Runtime, prefix: str) -> None:
     again = await store.insert_event(event(f"{prefix}-e1", "other"), 3600)
     assert again == first  # the stored one, not overwritten
     assert await store.get_event(first.event_id) == first
-    assert not await store.is_enqueued(first.event_id)
-    await store.mark_enqueued(first.event_id, 3600)
-    assert await store.is_enqueued(first.event_id)
     racers = [event(f"{prefix}-race", f"h{i}") for i in range(8)]
     results = await asyncio.gather(*(store.insert_event(r, 3600) for r in racers))
     assert sum(r is None for r in results) == 1
+
+
+async def test_outbox_rows_and_checkpoint(runtime: Runtime, prefix: str) -> None:
+    outbox, now = runtime.outbox, runtime.now_ms()
+    bucket = outbox_bucket(now)
+    start = bucket * OUTBOX_BUCKET_MS  # three events in one bucket
+    ids = [f"{prefix}-o{i}" for i in range(3)]
+    for i, event_id in enumerate(ids):
+        await outbox.record(event_id, start + i, 3600)
+    assert await outbox.outbox_row(ids[0], start) == OutboxRow(ids[0], None, False)
+    await outbox.mark_queued(ids[0], start, now, 3600)
+    await outbox.settle(ids[1], start + 1, 3600)
+    await outbox.record(ids[1], start + 1, 3600)  # a late retry does not undo settle
+    await outbox.mark_queued(ids[1], start + 1, now + 5, 3600)  # nor does a late queue
+    rows = {r.event_id: r for r in await outbox.outbox_bucket(bucket)
+            if r.event_id.startswith(prefix)}
+    assert rows == {ids[0]: OutboxRow(ids[0], now, False),
+                    ids[1]: OutboxRow(ids[1], now + 5, True),
+                    ids[2]: OutboxRow(ids[2], None, False)}
+    assert await outbox.outbox_row(ids[2], start - OUTBOX_BUCKET_MS) is None  # other bucket
+    await outbox.set_sweep_checkpoint(bucket - 3)
+    assert await outbox.sweep_checkpoint() == bucket - 3
+    await outbox.set_sweep_checkpoint(bucket)
+    assert await outbox.sweep_checkpoint() == bucket
 
 
 async def test_inbox_order_paging_and_upsert(runtime: Runtime, prefix: str) -> None:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from feedsvc.auth import Principal, authenticate
 from feedsvc.config import Settings
-from feedsvc.errors import ClientError, PermanentError, RetryableError
+from feedsvc.errors import ClientError, FeedError, PermanentError, RetryableError
 from feedsvc.model import MAX_BULK_BODY_BYTES
 from feedsvc.runtime import Runtime, freeze_startup_heap, open_runtime
 from feedsvc.workers import run_workers
@@ -118,6 +118,15 @@ def _workers_ctx(
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
         task = asyncio.create_task(run_workers(rt, workers, stop))
+
+        def ended(done: asyncio.Task[int]) -> None:
+            if stop.is_set() or done.cancelled():
+                return
+            exc = done.exception()
+            rt.health.fail(f"in-process workers ended: {exc!r}")
+            log.error("in-process workers ended", exc_info=exc)
+
+        task.add_done_callback(ended)
         yield
         stop.set()
         try:
@@ -131,7 +140,9 @@ def _workers_ctx(
 
 
 async def serve(settings: Settings, *, workers: int) -> None:
-    """Run the API (and optionally in-process workers) until cancelled."""
+    """Run the API (and optionally in-process workers) until cancelled. If the in-process
+    workers end on their own (they never should), the process ends with an error rather
+    than go on accepting events nobody fans out."""
     async with open_runtime(settings) as rt:
         app = init_app(rt, workers=workers)
         runner = web.AppRunner(app, access_log=None)
@@ -141,6 +152,7 @@ async def serve(settings: Settings, *, workers: int) -> None:
         freeze_startup_heap()
         log.info("feedsvc listening on http://%s:%d", settings.host, settings.port)
         try:
-            await asyncio.Event().wait()
+            await rt.health.ended.wait()
+            raise FeedError(rt.health.failed or "in-process workers ended")
         finally:
             await runner.cleanup()

@@ -234,12 +234,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when the store and the queue answer and this process's in-process workers
+    (``feedsvc serve``) are alive; a Redis outage does make it unready although intake
+    still accepts events (the outbox), since nothing is fanned out meanwhile."""
     rt = request.app[RUNTIME]
     try:
         await rt.store.ping()
         await rt.queue.ping()
     except RetryableError as exc:
-        return error_response(503, "not_ready", str(exc))
+        return error_response(503, "not_ready", str(exc), headers={"Retry-After": "1"})
+    problem = rt.health.problem()
+    if problem is not None:
+        return error_response(503, "not_ready", problem)
     return json_response({"status": "ready"})
 
 

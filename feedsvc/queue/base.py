@@ -25,12 +25,13 @@ class Delivery(msgspec.Struct, frozen=True):
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
-    entry_id: str
+    entry_id: str  # the queue entry that failed
     priority: Priority
     reason: str
     detail: str
     failed_at: int
     envelope: Envelope
+    dlq_id: str = ""  # its id in the dead-letter stream (filled in when read)
 
 
 class QueueStats(msgspec.Struct, frozen=True):
@@ -55,6 +56,27 @@ class Queue(Protocol):
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Record the entry in the dead-letter stream and acknowledge it."""
 
-    async def dead_letters(self, limit: int) -> list[DeadLetter]: ...
+    async def dead_letters(self, limit: int, before: str | None = None) -> list[DeadLetter]:
+        """The newest dead letters first, older than ``before`` (a ``dlq_id``) if given."""
+
+    async def dead_letter_get(self, dlq_id: str) -> DeadLetter | None: ...
+
+    async def replay(self, dlq_id: str) -> bool:
+        """Put the dead letter's task back on its priority stream (as a new entry) and
+        remove it from the dead letters, atomically; False when there is no such entry."""
 
     async def stats(self) -> QueueStats: ...
+
+    # --- for the outbox sweeper -----------------------------------------------------------
+
+    async def oldest_queued_ms(self, priority: Priority) -> int | None:
+        """When the oldest entry still in ``priority``'s stream (pending or not) was queued,
+        in epoch ms by the queue's clock; None when the stream is empty."""
+
+    async def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``holder`` for ``ttl_s`` seconds; False when
+        another holder has it."""
+
+    async def prune_consumers(self, idle_s: float) -> int:
+        """Forget consumers idle for ``idle_s`` that hold no pending entry; returns how
+        many were removed."""

@@ -27,7 +27,7 @@ PRAGMA journal_mode=WAL;
 PRAGMA synchronous=NORMAL;
 CREATE TABLE IF NOT EXISTS entries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL, body BLOB NOT NULL,
-    consumer TEXT, claimed_at INTEGER);
+    consumer TEXT, claimed_at INTEGER, queued_at INTEGER);
 CREATE INDEX IF NOT EXISTS entries_order ON entries (priority, id);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, body BLOB NOT NULL);
@@ -55,13 +55,17 @@ class EmbeddedQueue(SqliteFile):
 
     def _open(self) -> None:
         super()._open()
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}
+        if "queued_at" not in columns:  # a file made by an older version
+            self.db.execute("ALTER TABLE entries ADD COLUMN queued_at INTEGER")
         # One process owns the file: claims left by a previous one are released at once.
         self.db.execute("UPDATE entries SET consumer = NULL, claimed_at = NULL")
 
     async def enqueue(self, priority: Priority, envelope: Envelope) -> str:
         cur = await self._run(
-            self.db.execute, "INSERT INTO entries (priority, body) VALUES (?, ?)",
-            (PRIORITIES.index(priority), encode_envelope(envelope)),
+            self.db.execute,
+            "INSERT INTO entries (priority, body, queued_at) VALUES (?, ?, ?)",
+            (PRIORITIES.index(priority), encode_envelope(envelope), now_ms()),
         )
         self._wakeup.set()
         return str(cur.lastrowid)
@@ -124,14 +128,63 @@ class EmbeddedQueue(SqliteFile):
 
         await self._run(move)
 
-    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+    def _letters(self, rows: list[Any]) -> list[DeadLetter]:
+        return [msgspec.structs.replace(_letter_decoder.decode(body), dlq_id=str(dlq_id))
+                for dlq_id, body in rows]
+
+    async def dead_letters(self, limit: int, before: str | None = None) -> list[DeadLetter]:
+        below = int(before) if before and before.isascii() and before.isdigit() else None
         rows = await self._run(
             lambda: self.db.execute(
-                "SELECT body FROM dead_letters ORDER BY id DESC LIMIT ?", (limit,)
+                "SELECT id, body FROM dead_letters WHERE ? IS NULL OR id < ? "
+                "ORDER BY id DESC LIMIT ?", (below, below, limit)
             ).fetchall()
         )
-        decoder = msgspec.msgpack.Decoder(DeadLetter)
-        return [decoder.decode(r[0]) for r in rows]
+        return self._letters(rows)
+
+    async def dead_letter_get(self, dlq_id: str) -> DeadLetter | None:
+        if not (dlq_id.isascii() and dlq_id.isdigit()):
+            return None
+        rows = await self._run(lambda: self.db.execute(
+            "SELECT id, body FROM dead_letters WHERE id = ?", (int(dlq_id),)).fetchall())
+        letters = self._letters(rows)
+        return letters[0] if letters else None
+
+    async def replay(self, dlq_id: str) -> bool:
+        letter = await self.dead_letter_get(dlq_id)
+        if letter is None:
+            return False
+        envelope = msgspec.structs.replace(letter.envelope, enqueued_at=now_ms())
+
+        def move() -> bool:
+            with self.db:
+                gone = self.db.execute("DELETE FROM dead_letters WHERE id = ?", (int(dlq_id),))
+                if gone.rowcount != 1:
+                    return False
+                self.db.execute(
+                    "INSERT INTO entries (priority, body, queued_at) VALUES (?, ?, ?)",
+                    (PRIORITIES.index(letter.priority), encode_envelope(envelope), now_ms()))
+                return True
+
+        moved = await self._run(move)
+        self._wakeup.set()
+        return moved
+
+    # --- for the outbox sweeper -----------------------------------------------------------
+
+    async def oldest_queued_ms(self, priority: Priority) -> int | None:
+        row = await self._run(lambda: self.db.execute(
+            "SELECT id, queued_at, body FROM entries WHERE priority = ? ORDER BY id LIMIT 1",
+            (PRIORITIES.index(priority),)).fetchone())
+        if row is None:
+            return None
+        return int(row[1]) if row[1] is not None else decode_envelope(row[2]).enqueued_at
+
+    async def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        return True  # one process owns the file
+
+    async def prune_consumers(self, idle_s: float) -> int:
+        return 0  # consumers are not registered anywhere
 
     async def stats(self) -> QueueStats:
         def query() -> QueueStats:
@@ -146,3 +199,6 @@ class EmbeddedQueue(SqliteFile):
                               shed=int(shed[0]) if shed else 0)
 
         return await self._run(query)
+
+
+_letter_decoder = msgspec.msgpack.Decoder(DeadLetter)

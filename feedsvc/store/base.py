@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+import msgspec
+
 from feedsvc.model import Event, InboxItem, Mode, Position
+
+# The outbox indexes accepted events by the 10-second bucket of their accepted_at. A row
+# lives at most OUTBOX_TTL_S: workers stopped for longer than that leave the events
+# accepted before the stop to be fanned out by a client's retry, not by the sweeper.
+OUTBOX_BUCKET_MS = 10_000
+OUTBOX_TTL_S = 7 * 86_400
 
 
 class Store(Protocol):
@@ -24,10 +32,6 @@ class Store(Protocol):
     async def insert_event(self, event: Event, ttl_s: int) -> Event | None:
         """Store ``event`` unless its event_id exists. Returns the existing event, or None
         when this call stored it. Atomic: of two racing inserts exactly one returns None."""
-
-    async def mark_enqueued(self, event_id: str, ttl_s: int) -> None: ...
-
-    async def is_enqueued(self, event_id: str) -> bool: ...
 
     async def get_event(self, event_id: str) -> Event | None: ...
 
@@ -90,3 +94,50 @@ class Store(Protocol):
     async def get_mode(self, author_id: str) -> Mode: ...
 
     async def set_mode(self, author_id: str, mode: Mode) -> None: ...
+
+
+def outbox_bucket(accepted_at_ms: int) -> int:
+    return accepted_at_ms // OUTBOX_BUCKET_MS
+
+
+def outbox_ttl(ttl_s: int) -> int:
+    """An outbox row's TTL: the event's retention left, at most ``OUTBOX_TTL_S``."""
+    return max(1, min(ttl_s, OUTBOX_TTL_S))
+
+
+class OutboxRow(msgspec.Struct, frozen=True):
+    event_id: str
+    queued_at: int | None  # epoch ms of the last time its fan-out task was queued
+    done: bool  # fan-out completed (or dead-lettered): the sweeper leaves it alone
+
+
+class Outbox(Protocol):
+    """Which accepted events still owe a fan-out (``feedsvc/sweeper.py`` reads it).
+
+    Intake records an event here before it stores the event itself, so no stored event
+    is missing from the outbox; the worker settles it once the fan-out is complete. Rows
+    are found by (bucket of accepted_at, event_id); all writes are upserts."""
+
+    async def record(self, event_id: str, accepted_at: int, ttl_s: int) -> None:
+        """An event is about to be stored (written before ``Store.insert_event``)."""
+
+    async def mark_queued(self, event_id: str, accepted_at: int, queued_at: int,
+                          ttl_s: int) -> None:
+        """Its fan-out task was put on the queue at ``queued_at``."""
+
+    async def settle(self, event_id: str, accepted_at: int, ttl_s: int) -> None:
+        """Its fan-out is complete (or dead-lettered): nothing more is owed."""
+
+    async def outbox_row(self, event_id: str, accepted_at: int) -> OutboxRow | None: ...
+
+    async def outbox_bucket(self, bucket: int) -> list[OutboxRow]:
+        """Every row of one bucket (the bucket's events, whatever their state)."""
+
+    async def sweep_checkpoint(self) -> int | None:
+        """The oldest bucket that may still hold an unsettled event (None: never swept)."""
+
+    async def set_sweep_checkpoint(self, bucket: int) -> None: ...
+
+
+class BackendStore(Store, Outbox, Protocol):
+    """What ``open_store`` returns: both stores keep the outbox beside the feed's data."""

@@ -10,6 +10,7 @@ most ``concurrency`` requests in flight per process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import zlib
@@ -18,6 +19,7 @@ from typing import Any
 
 import msgspec
 from cassandra import (
+    ConsistencyLevel,
     DriverException,
     InvalidRequest,
     OperationTimedOut,
@@ -34,12 +36,17 @@ from cassandra.cluster import (
     Session,
 )
 from cassandra.connection import ConnectionBusy
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    TokenAwarePolicy,
+)
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, tuple_factory
 
 from feedsvc.clock import now_ms
 from feedsvc.errors import ConfigError, PermanentError, RetryableError
 from feedsvc.model import MAX_FUTURE_MS, Event, InboxItem, Mode, Position
+from feedsvc.store.base import OutboxRow, outbox_bucket, outbox_ttl
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +71,8 @@ TIMEOUT_TRIES = 8
 TIMEOUT_PAUSE_S = 0.05
 BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
 _PULL_SHARD = 0
-_UNPAGED = {"pull_authors", "inbox_keys", "inbox_positions"}
+_UNPAGED = {"pull_authors", "inbox_keys", "inbox_positions", "outbox_bucket"}
+_CHECKPOINT = "fanout"  # the outbox_checkpoint row of the fan-out sweeper
 
 _item_encoder = msgspec.msgpack.Encoder()
 _item_decoder = msgspec.msgpack.Decoder(InboxItem)
@@ -136,13 +144,22 @@ def parse_hosts(hosts: Sequence[str]) -> tuple[list[str], int]:
     return names, ports.pop() if ports else 9042
 
 
-def connect_cluster(hosts: Sequence[str]) -> tuple[Cluster, Session]:
-    """Blocking: call through ``asyncio.to_thread``."""
+def connect_cluster(hosts: Sequence[str], *, request_timeout: float = 30.0,
+                    consistency: str = "LOCAL_QUORUM",
+                    serial_consistency: str = "LOCAL_SERIAL") -> tuple[Cluster, Session]:
+    """Blocking: call through ``asyncio.to_thread``. ``request_timeout`` bounds every request
+    (a node that stops answering fails the request then, rather than after the driver's
+    default 30 s); the reconnection delay to a node that went down is capped at 2 s, so
+    service resumes within seconds of the node answering again."""
     names, port = parse_hosts(hosts)
+
     def profile(**kwargs: Any) -> ExecutionProfile:
         return ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
-            request_timeout=30, **kwargs,
+            request_timeout=request_timeout,
+            consistency_level=ConsistencyLevel.name_to_value[consistency],
+            serial_consistency_level=ConsistencyLevel.name_to_value[serial_consistency],
+            **kwargs,
         )
 
     cluster = Cluster(
@@ -150,7 +167,8 @@ def connect_cluster(hosts: Sequence[str]) -> tuple[Cluster, Session]:
         # Hot reads of one column take plain tuples: no namedtuple per row.
         execution_profiles={EXEC_PROFILE_DEFAULT: profile(), TUPLES: profile(
             row_factory=tuple_factory)},
-        connect_timeout=10, control_connection_timeout=10,
+        connect_timeout=min(10.0, request_timeout), control_connection_timeout=10,
+        reconnection_policy=ExponentialReconnectionPolicy(base_delay=0.25, max_delay=2.0),
     )
     try:
         session = cluster.connect()
@@ -222,10 +240,13 @@ class CassandraStore:
         self.requests_resent = 0  # idempotent requests sent again after a write timeout
 
     @classmethod
-    async def open(cls, hosts: Sequence[str], keyspace: str,
-                   concurrency: int = 32) -> CassandraStore:
+    async def open(cls, hosts: Sequence[str], keyspace: str, concurrency: int = 32,
+                   **connect: Any) -> CassandraStore:
+        """Connect and prepare; ``connect`` goes to ``connect_cluster`` (timeouts,
+        consistency)."""
         try:
-            cluster, session = await asyncio.to_thread(connect_cluster, hosts)
+            cluster, session = await asyncio.to_thread(
+                functools.partial(connect_cluster, hosts, **connect))
         except _DRIVER_ERRORS as exc:
             raise RetryableError(f"cannot reach Cassandra at {','.join(hosts)}: {exc}") from exc
         store = cls(cluster, session, keyspace, concurrency)
@@ -258,11 +279,22 @@ class CassandraStore:
     def _prepare_all(self) -> None:
         ks = self.keyspace
         statements = {
-            "insert_event": f"INSERT INTO {ks}.events_by_id (event_id, body, enqueued) "
-                            "VALUES (?, ?, false) IF NOT EXISTS USING TTL ?",
-            "mark_enqueued": f"UPDATE {ks}.events_by_id USING TTL ? SET enqueued = true "
-                             "WHERE event_id = ?",
-            "get_event": f"SELECT body, enqueued FROM {ks}.events_by_id WHERE event_id = ?",
+            "insert_event": f"INSERT INTO {ks}.events_by_id (event_id, body) "
+                            "VALUES (?, ?) IF NOT EXISTS USING TTL ?",
+            "get_event": f"SELECT body FROM {ks}.events_by_id WHERE event_id = ?",
+            "outbox_record": f"INSERT INTO {ks}.outbox_by_bucket (bucket, event_id) "
+                             "VALUES (?, ?) USING TTL ?",
+            "outbox_queued": f"UPDATE {ks}.outbox_by_bucket USING TTL ? SET queued_at = ? "
+                             "WHERE bucket = ? AND event_id = ?",
+            "outbox_settle": f"UPDATE {ks}.outbox_by_bucket USING TTL ? SET done = true "
+                             "WHERE bucket = ? AND event_id = ?",
+            "outbox_row": f"SELECT event_id, queued_at, done FROM {ks}.outbox_by_bucket "
+                          "WHERE bucket = ? AND event_id = ?",
+            "outbox_bucket": f"SELECT event_id, queued_at, done FROM {ks}.outbox_by_bucket "
+                             "WHERE bucket = ?",
+            "get_checkpoint": f"SELECT bucket FROM {ks}.outbox_checkpoint WHERE name = ?",
+            "set_checkpoint": f"INSERT INTO {ks}.outbox_checkpoint (name, bucket) "
+                              "VALUES (?, ?)",
             "put_author_event": f"INSERT INTO {ks}.events_by_author "
                                 "(author_id, bucket, created_at, event_id, item) "
                                 "VALUES (?, ?, ?, ?, ?) USING TTL ?",
@@ -378,16 +410,40 @@ class CassandraStore:
             raise RetryableError(f"event {event.event_id} is expiring; retry")
         return _event_decoder.decode(row.body)
 
-    async def mark_enqueued(self, event_id: str, ttl_s: int) -> None:
-        await self._q("mark_enqueued", ttl_s, event_id)
-
-    async def is_enqueued(self, event_id: str) -> bool:
-        rows = await self._q("get_event", event_id)
-        return bool(rows and rows[0].enqueued)
-
     async def get_event(self, event_id: str) -> Event | None:
         rows = await self._q("get_event", event_id)
         return _event_decoder.decode(rows[0].body) if rows else None
+
+    # --- outbox (``Outbox``) -------------------------------------------------------------
+
+    async def record(self, event_id: str, accepted_at: int, ttl_s: int) -> None:
+        await self._q("outbox_record", outbox_bucket(accepted_at), event_id,
+                      outbox_ttl(ttl_s))
+
+    async def mark_queued(self, event_id: str, accepted_at: int, queued_at: int,
+                          ttl_s: int) -> None:
+        await self._q("outbox_queued", outbox_ttl(ttl_s), queued_at,
+                      outbox_bucket(accepted_at), event_id)
+
+    async def settle(self, event_id: str, accepted_at: int, ttl_s: int) -> None:
+        await self._q("outbox_settle", outbox_ttl(ttl_s), outbox_bucket(accepted_at),
+                      event_id)
+
+    async def outbox_row(self, event_id: str, accepted_at: int) -> OutboxRow | None:
+        rows = await self._q("outbox_row", outbox_bucket(accepted_at), event_id,
+                             profile=TUPLES)
+        return OutboxRow(rows[0][0], rows[0][1], bool(rows[0][2])) if rows else None
+
+    async def outbox_bucket(self, bucket: int) -> list[OutboxRow]:
+        rows = await self._q("outbox_bucket", bucket, profile=TUPLES)
+        return [OutboxRow(event_id, queued_at, bool(done)) for event_id, queued_at, done in rows]
+
+    async def sweep_checkpoint(self) -> int | None:
+        rows = await self._q("get_checkpoint", _CHECKPOINT, profile=TUPLES)
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def set_sweep_checkpoint(self, bucket: int) -> None:
+        await self._q("set_checkpoint", _CHECKPOINT, bucket)
 
     async def put_author_event(self, item: InboxItem, ttl_s: int) -> None:
         await self._q(

@@ -17,6 +17,7 @@ import msgspec
 from feedsvc.clock import now_ms
 from feedsvc.model import Event, InboxItem, Mode, Position
 from feedsvc.sqlite_file import SqliteFile
+from feedsvc.store.base import OutboxRow, outbox_bucket, outbox_ttl
 
 _SCHEMA = """
 PRAGMA journal_mode=WAL;
@@ -39,7 +40,21 @@ CREATE TABLE IF NOT EXISTS follows (
     user_id TEXT NOT NULL, author_id TEXT NOT NULL, PRIMARY KEY (user_id, author_id));
 CREATE INDEX IF NOT EXISTS followers_by_author ON follows (author_id, user_id);
 CREATE TABLE IF NOT EXISTS author_modes (author_id TEXT PRIMARY KEY, mode TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox_by_bucket (
+    bucket INTEGER NOT NULL, event_id TEXT NOT NULL, queued_at INTEGER,
+    done INTEGER NOT NULL DEFAULT 0, expires_at INTEGER NOT NULL,
+    PRIMARY KEY (bucket, event_id));
+CREATE TABLE IF NOT EXISTS outbox_checkpoint (name TEXT PRIMARY KEY, bucket INTEGER NOT NULL);
 """
+
+# Outbox upserts, parameters (bucket, event_id, expires_at, queued_at or None).
+_OUTBOX_UPSERT = ("INSERT INTO outbox_by_bucket (bucket, event_id, expires_at, queued_at, done) "
+                  "VALUES (?1, ?2, ?3, {queued}, {done}) ON CONFLICT (bucket, event_id) DO "
+                  "UPDATE SET expires_at = max(expires_at, excluded.expires_at){update}")
+_OUTBOX_RECORD = _OUTBOX_UPSERT.format(queued="?4", done="0", update="")
+_OUTBOX_QUEUED = _OUTBOX_UPSERT.format(queued="?4", done="0",
+                                       update=", queued_at = excluded.queued_at")
+_OUTBOX_SETTLE = _OUTBOX_UPSERT.format(queued="?4", done="1", update=", done = 1")
 
 _item_encoder = msgspec.msgpack.Encoder()
 _item_decoder = msgspec.msgpack.Decoder(InboxItem)
@@ -77,21 +92,6 @@ class SqliteStore(SqliteFile):
 
         return await self._run(insert)
 
-    async def mark_enqueued(self, event_id: str, ttl_s: int) -> None:
-        await self._run(
-            self.db.execute, "UPDATE events_by_id SET enqueued = 1 WHERE event_id = ?",
-            (event_id,),
-        )
-
-    async def is_enqueued(self, event_id: str) -> bool:
-        row = await self._run(
-            lambda: self.db.execute(
-                "SELECT enqueued FROM events_by_id WHERE event_id = ? AND expires_at > ?",
-                (event_id, now_ms()),
-            ).fetchone()
-        )
-        return bool(row and row[0])
-
     async def get_event(self, event_id: str) -> Event | None:
         row = await self._run(
             lambda: self.db.execute(
@@ -100,6 +100,48 @@ class SqliteStore(SqliteFile):
             ).fetchone()
         )
         return _event_decoder.decode(row[0]) if row else None
+
+    # --- outbox (``Outbox``) -------------------------------------------------------------
+
+    async def _outbox_upsert(self, sql: str, event_id: str, accepted_at: int, ttl_s: int,
+                             queued_at: int | None = None) -> None:
+        expires = now_ms() + outbox_ttl(ttl_s) * 1000
+        await self._run(self.db.execute, sql,
+                        (outbox_bucket(accepted_at), event_id, expires, queued_at))
+
+    async def record(self, event_id: str, accepted_at: int, ttl_s: int) -> None:
+        await self._outbox_upsert(_OUTBOX_RECORD, event_id, accepted_at, ttl_s)
+
+    async def mark_queued(self, event_id: str, accepted_at: int, queued_at: int,
+                          ttl_s: int) -> None:
+        await self._outbox_upsert(_OUTBOX_QUEUED, event_id, accepted_at, ttl_s, queued_at)
+
+    async def settle(self, event_id: str, accepted_at: int, ttl_s: int) -> None:
+        await self._outbox_upsert(_OUTBOX_SETTLE, event_id, accepted_at, ttl_s)
+
+    async def outbox_row(self, event_id: str, accepted_at: int) -> OutboxRow | None:
+        rows = await self._outbox_rows("AND event_id = ?", outbox_bucket(accepted_at),
+                                       event_id)
+        return rows[0] if rows else None
+
+    async def outbox_bucket(self, bucket: int) -> list[OutboxRow]:
+        return await self._outbox_rows("", bucket)
+
+    async def _outbox_rows(self, where: str, bucket: int, *params: Any) -> list[OutboxRow]:
+        rows = await self._run(lambda: self.db.execute(
+            "SELECT event_id, queued_at, done FROM outbox_by_bucket WHERE bucket = ? "
+            f"{where} AND expires_at > ? ORDER BY event_id", (bucket, *params, now_ms()),
+        ).fetchall())
+        return [OutboxRow(event_id, queued_at, bool(done)) for event_id, queued_at, done in rows]
+
+    async def sweep_checkpoint(self) -> int | None:
+        row = await self._run(lambda: self.db.execute(
+            "SELECT bucket FROM outbox_checkpoint WHERE name = 'fanout'").fetchone())
+        return int(row[0]) if row else None
+
+    async def set_sweep_checkpoint(self, bucket: int) -> None:
+        await self._run(self.db.execute,
+                        "INSERT OR REPLACE INTO outbox_checkpoint VALUES ('fanout', ?)", (bucket,))
 
     async def put_author_event(self, item: InboxItem, ttl_s: int) -> None:
         await self._run(
@@ -210,7 +252,7 @@ class SqliteStore(SqliteFile):
             now = now_ms()
             with self.db:
                 for table in ("events_by_id", "events_by_author", "pull_authors",
-                              "inbox_by_user"):
+                              "inbox_by_user", "outbox_by_bucket"):
                     self.db.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
 
         await self._run(purge)
