@@ -130,7 +130,7 @@ class Sweeper:
         grace = int(rt.settings.sweep_after * 1000)
         newest = outbox_bucket(now - grace)  # may be partly within the grace period
         checkpoint = await rt.outbox.sweep_checkpoint()
-        start = newest - LOOKBACK_BUCKETS if checkpoint is None else checkpoint
+        start = newest - LOOKBACK_BUCKETS + 1 if checkpoint is None else checkpoint
         first = start if self._resume is None or self._resume <= start else self._resume
         last = min(newest, first + BUCKETS_PER_PASS - 1)
         oldest = {p: await rt.queue.oldest_queued_ms(p) for p in PRIORITIES}

@@ -34,7 +34,7 @@ from feedsvc.sweeper import Sweeper
 log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 0.2
-BACKOFF_CAP = 10.0
+BACKOFF_CAP = 5.0  # so work resumes within seconds of a dependency answering again
 LOG_EVERY = 10  # a task retrying for long logs its 1st, 10th, 20th, ... failure
 
 

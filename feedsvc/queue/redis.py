@@ -156,7 +156,7 @@ class RedisQueue:
                 # that never had the stream): make the group again; lost entries are the
                 # outbox sweeper's to queue again.
                 await self._create_groups()
-                return None
+                return await self._claim(consumer, block_s)
 
     async def _claim(self, consumer: str, block_s: float) -> Delivery | None:
         buffer = self._buffer.setdefault(consumer, [])
@@ -217,14 +217,25 @@ class RedisQueue:
     async def ack(self, delivery: Delivery) -> None:
         stream = self.streams[delivery.priority]
         with _redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(stream, GROUP, delivery.entry_id)
-                pipe.xdel(stream, delivery.entry_id)
-                await pipe.execute()
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.xack(stream, GROUP, delivery.entry_id)
+                    pipe.xdel(stream, delivery.entry_id)
+                    await pipe.execute()
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis lost the stream since the claim: the entry is gone already.
 
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         with _redis_errors():
-            await self._dead_letter(delivery, reason, detail)
+            try:
+                await self._dead_letter(delivery, reason, detail)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._create_groups()  # Redis lost the stream: record it again
+                await self._dead_letter(delivery, reason, detail)
 
     async def _dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Record and acknowledge in one transaction: never both lost nor both kept."""
