@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test lint unit services services-stop services-status clean bench bench-quick load
+.PHONY: help venv run test lint unit services services-stop services-status clean bench bench-quick load chaos
 
 help:
 	@echo "make run            embedded service on 127.0.0.1:8080 with a demo graph"
@@ -61,6 +61,10 @@ bench-quick: venv
 
 load: venv
 	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --only locust
+
+# Kills and pauses the local Redis and Cassandra: run on purpose, not beside other work.
+chaos: venv
+	@$(WITH_SERVICES); $(BIN)/python -m loadtest.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

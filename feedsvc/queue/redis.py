@@ -37,6 +37,7 @@ from feedsvc.model import PRIORITIES, Envelope, Priority, decode_envelope, encod
 from feedsvc.queue.base import DeadLetter, Delivery, QueueStats
 
 GROUP = "fanout"
+MAX_CONNECTIONS = 256  # per process: each consumer holds one while it blocks on a read
 _FIELD = b"e"
 _RAW = b"raw"
 # Takes a lease that is free, or renews it for the holder that has it.
@@ -81,13 +82,18 @@ class RedisQueue:
     @classmethod
     async def open(cls, url: str, *, request_timeout: float = 5.0,
                    **kwargs: Any) -> RedisQueue:
-        client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=min(2.0, request_timeout),
+        # A blocking pool: past MAX_CONNECTIONS a request waits for a free connection (up
+        # to request_timeout) instead of failing with "Too many connections" at once, which
+        # under a burst of posts left their fan-out to the sweeper.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=request_timeout,
+            socket_connect_timeout=min(2.0, request_timeout),
             # Above the longest blocking read (``claim``'s block_s, a second or two).
             socket_timeout=max(request_timeout, 3.0),
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
             health_check_interval=5,
         )
+        client = aioredis.Redis.from_pool(pool)  # closes the pool with the client
         queue = cls(client, **kwargs)
         try:
             await queue._create_groups()
