@@ -94,6 +94,15 @@ CONSISTENCY_LEVELS = ("ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM",
 SERIAL_LEVELS = ("SERIAL", "LOCAL_SERIAL")
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use true or false")
+
+
 def _consistency(text: str) -> str:
     if text.upper() not in CONSISTENCY_LEVELS:
         raise ValueError(f"use one of {', '.join(CONSISTENCY_LEVELS)}")
@@ -143,6 +152,10 @@ _VARS: tuple[_Var, ...] = (
     _Var("request_timeout", "FEEDSVC_REQUEST_TIMEOUT", _positive_duration,
          "a Cassandra or Redis request not answered in this time fails (API: 503) "
          "(default 5s)"),
+    _Var("queue_shards", "FEEDSVC_QUEUE_SHARDS", _positive_int,
+         "streams per priority in Redis, spread over a cluster's slots (default 1)"),
+    _Var("redis_cluster", "FEEDSVC_REDIS_CLUSTER", _bool,
+         "FEEDSVC_REDIS_URL names a node of a Redis Cluster (default false)"),
     _Var("consistency", "FEEDSVC_CONSISTENCY", _consistency,
          "Cassandra consistency level of reads and writes (default LOCAL_QUORUM)"),
     _Var("serial_consistency", "FEEDSVC_SERIAL_CONSISTENCY", _serial_consistency,
@@ -179,6 +192,8 @@ class Settings:
     claim_idle: float = 15.0
     sweep_after: float = 30.0
     request_timeout: float = 5.0
+    queue_shards: int = 1
+    redis_cluster: bool = False
     consistency: str = "LOCAL_QUORUM"
     serial_consistency: str = "LOCAL_SERIAL"
     max_pull_authors: int = 100

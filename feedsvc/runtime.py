@@ -101,7 +101,8 @@ async def open_store(settings: Settings) -> BackendStore:
 
     return await CassandraStore.open(
         settings.cassandra_hosts, settings.keyspace, settings.fanout_concurrency,
-        request_timeout=settings.request_timeout, consistency=settings.consistency,
+        request_timeout=settings.request_timeout, shards=settings.queue_shards,
+        cluster=settings.redis_cluster, consistency=settings.consistency,
         serial_consistency=settings.serial_consistency,
     )
 
@@ -119,7 +120,8 @@ async def open_queue(settings: Settings) -> Queue:
     assert settings.redis_url is not None
     return await RedisQueue.open(
         settings.redis_url, prefix=settings.queue_prefix,
-        request_timeout=settings.request_timeout,
+        request_timeout=settings.request_timeout, shards=settings.queue_shards,
+        cluster=settings.redis_cluster,
         claim_idle=settings.claim_idle, low_max_age=settings.low_max_age,
     )
 

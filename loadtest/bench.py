@@ -134,8 +134,8 @@ async def fresh_keyspace(env: Env, keyspace: str) -> None:
 async def clear_queue(rt: Runtime) -> None:
     """Start from empty streams (a previous run may have been interrupted)."""
     assert isinstance(rt.queue, RedisQueue)
-    await rt.queue.redis.delete(*rt.queue.streams.values())
-    for stream in rt.queue.streams.values():
+    await rt.queue.redis.delete(*rt.queue.all_streams())
+    for stream in rt.queue.all_streams():
         await rt.queue.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
 

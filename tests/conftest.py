@@ -127,7 +127,7 @@ async def make_runtime(
             store = cassandra_store
             queue = await RedisQueue.open(
                 endpoints.redis_url, prefix=settings.queue_prefix, claim_idle=settings.claim_idle,
-                low_max_age=settings.low_max_age)
+                low_max_age=settings.low_max_age, shards=settings.queue_shards)
             opened.append(queue.close)
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
             return Runtime(settings, store, queue, outbox=store)

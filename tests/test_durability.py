@@ -72,7 +72,7 @@ async def lose_queue(rt: Runtime) -> None:
     not received the entries) leaves: every stream empty."""
     queue = rt.queue
     if isinstance(queue, RedisQueue):
-        await queue.redis.delete(*queue.streams.values())
+        await queue.redis.delete(*queue.all_streams())
     else:
         assert isinstance(queue, EmbeddedQueue)
         await queue._run(queue.db.execute, "DELETE FROM entries")

@@ -89,3 +89,37 @@ async def test_unreadable_redis_entry_goes_to_the_dead_letters(make_runtime: Mak
     await queue.ack(delivery)
     stats = await queue.stats()
     assert stats.dead_letters == 1 and stats.depth["high"] == 0
+
+
+@pytest.mark.parametrize("make_runtime", ["cassandra"], indirect=True)
+async def test_sharded_streams_keep_priority_order_and_dead_letters(
+        make_runtime: MakeRuntime) -> None:
+    """FEEDSVC_QUEUE_SHARDS=3: a shard's streams share one hash tag (one cluster slot), tasks
+    spread over the shards, and a consumer still takes high before medium before low."""
+    rt = await make_runtime(queue_shards=3, low_max_age=60.0)
+    queue = rt.queue
+    assert isinstance(queue, RedisQueue)
+    assert queue.streams["high"] == f"{rt.settings.queue_prefix}:{{q0}}:high"
+    now = rt.now_ms()
+    plan: list[tuple[Priority, str]] = [(p, f"{p}{i}") for i in range(12)
+                                        for p in ("low", "medium", "high")]
+    for priority, tag in plan:
+        await queue.enqueue(priority, envelope(tag, now))
+    await queue.enqueue("low", envelope("stale", now - 120_000))
+    used = [await queue.redis.xlen(queue.stream_keys[shard, "high"]) for shard in range(3)]
+    assert sum(used) == 12 and sum(1 for n in used if n) >= 2  # spread over the shards
+    got = []
+    while (delivery := await queue.claim("c", 0.05)) is not None:
+        got.append(tag_of(delivery.envelope)[0])
+        await queue.ack(delivery)
+    assert got == ["h"] * 12 + ["m"] * 12 + ["l"] * 12
+    (letter,) = await queue.dead_letters(10)
+    assert letter.reason == "shed" and tag_of(letter.envelope) == "stale"
+    assert letter.dlq_id.split(":")[0] in {"0", "1", "2"}
+    assert await queue.dead_letters(10, before=letter.dlq_id) == []
+    assert await queue.dead_letter_get("7:1-1") is None  # no such shard: not an error
+    assert await queue.replay(letter.dlq_id)
+    delivery = await queue.claim("c", 0.05)
+    assert delivery is not None and tag_of(delivery.envelope) == "stale"
+    await queue.ack(delivery)
+    assert (await queue.stats()).depth == {"high": 0, "medium": 0, "low": 0}

@@ -22,6 +22,7 @@ class Delivery(msgspec.Struct, frozen=True):
     priority: Priority
     entry_id: str
     envelope: Envelope
+    shard: int = 0  # which of the priority's streams holds it (Redis, FEEDSVC_QUEUE_SHARDS)
 
 
 class DeadLetter(msgspec.Struct, frozen=True):

@@ -1,32 +1,45 @@
-"""Redis Streams queue: one stream per priority, one consumer group, XACK+XDEL on ack.
+"""Redis Streams queue: streams per priority, one consumer group, XACK+XDEL on ack.
 
-Key names (all of them, under one prefix, default ``feedsvc``):
+Key names (all of them, under one prefix, default ``feedsvc``), with one shard
+(``FEEDSVC_QUEUE_SHARDS=1``) on a single Redis:
 
 - ``{prefix}:q:high``, ``{prefix}:q:medium``, ``{prefix}:q:low``: the priority streams
   (field ``e`` = msgpack Envelope). Acknowledged entries are deleted, so XLEN is the depth.
-- ``{prefix}:dlq``: the dead-letter stream (reason ``shed``, ``error``, ``poison``).
-- ``{prefix}:stats:shed``: how many low entries were shed.
-- ``{prefix}:lease:{name}``: leases (``SET NX PX``), e.g. the outbox sweeper's.
+- ``{prefix}:dlq``: the dead-letter stream (reason ``shed``, ``poison``).
+
+With several shards, or on Redis Cluster (``FEEDSVC_REDIS_CLUSTER=true``), each shard ``n``
+has its own three streams and dead-letter stream under one hash tag, so that they live in
+one slot (a shard's transactions and blocking reads span its keys) while the shards spread
+over the cluster: ``{prefix}:{qn}:high``, ``...:medium``, ``...:low``, ``{prefix}:{qn}:dlq``.
+A task goes to a random shard; a consumer reads high on every shard before medium on any,
+starting at a shard of its own, and blocks on its home shard's streams.
+
+Also: ``{prefix}:stats:shed`` (how many low entries were shed) and ``{prefix}:lease:{name}``
+(leases, ``SET NX PX``, e.g. the outbox sweeper's).
 
 Consumer group ``fanout``. A consumer first reclaims entries idle for ``claim_idle`` seconds
-(XAUTOCLAIM: their consumer died), then reads new entries stream by stream in priority
-order; when all are empty it blocks on all three at once.
+(XAUTOCLAIM: their consumer died), then reads new entries in priority order; when all are
+empty it blocks on its home shard's streams.
 
 Every Redis error becomes ``RetryableError`` in one place (``_redis_errors``). The client
 fails fast: a request unanswered within ``request_timeout`` fails, a broken connection is
 retried once, and pooled connections are health-checked, so a restarted Redis is used
-again at once.
+again at once. A Redis that lost its data has its consumer groups created again.
 """
 
 from __future__ import annotations
 
+import random
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import count
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -40,6 +53,7 @@ GROUP = "fanout"
 MAX_CONNECTIONS = 256  # per process: each consumer holds one while it blocks on a read
 _FIELD = b"e"
 _RAW = b"raw"
+_DLQ_ID = re.compile(r"^(?:(\d{1,4}):)?(\d{1,20}-\d{1,20})$")
 # Takes a lease that is free, or renews it for the holder that has it.
 _RENEW = """
 local holder = redis.call('GET', KEYS[1])
@@ -64,37 +78,64 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _entry_order(dlq_id: str) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>", after any "<shard>:") as a sortable pair."""
+    ms, _, seq = dlq_id.rpartition(":")[2].partition("-")
+    return int(ms), int(seq)
+
+
+def _no_group(exc: ResponseError) -> bool:
+    return "NOGROUP" in str(exc)
+
+
 class RedisQueue:
     """``Queue`` on Redis Streams; see the module docstring."""
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "feedsvc",
-                 claim_idle: float = 60.0, low_max_age: float = 3600.0) -> None:
-        self.redis = client
+    def __init__(self, client: Any, *, prefix: str = "feedsvc", claim_idle: float = 60.0,
+                 low_max_age: float = 3600.0, shards: int = 1, cluster: bool = False) -> None:
+        self.redis = client  # redis.asyncio.Redis, or RedisCluster
         self.prefix = prefix
         self.claim_idle_ms = int(claim_idle * 1000)
         self.low_max_age_ms = int(low_max_age * 1000)
-        self.streams = {p: f"{prefix}:q:{p}" for p in PRIORITIES}
-        self.dlq = f"{prefix}:dlq"
+        self.shards = shards
+        self.tagged = cluster or shards > 1
+        self.stream_keys = {(shard, p): self._key(shard, p)
+                            for shard in range(shards) for p in PRIORITIES}
+        self.dlq_keys = [self._key(shard, "dlq") for shard in range(shards)]
+        self.streams = {p: self.stream_keys[0, p] for p in PRIORITIES}  # shard 0's
         self.shed_key = f"{prefix}:stats:shed"
+        self._by_key = {key: sp for sp, key in self.stream_keys.items()}
         self._buffer: dict[str, list[Delivery]] = {}
         self._last_reclaim: dict[str, float] = {}
+        self._home: dict[str, int] = {}
+        self._next_home = count()
+
+    def _key(self, shard: int, name: str) -> str:
+        if not self.tagged:
+            return f"{self.prefix}:dlq" if name == "dlq" else f"{self.prefix}:q:{name}"
+        return f"{self.prefix}:{{q{shard}}}:{name}"
 
     @classmethod
-    async def open(cls, url: str, *, request_timeout: float = 5.0,
+    async def open(cls, url: str, *, request_timeout: float = 5.0, cluster: bool = False,
                    **kwargs: Any) -> RedisQueue:
-        # A blocking pool: past MAX_CONNECTIONS a request waits for a free connection (up
-        # to request_timeout) instead of failing with "Too many connections" at once, which
-        # under a burst of posts left their fan-out to the sweeper.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=request_timeout,
-            socket_connect_timeout=min(2.0, request_timeout),
+        options: dict[str, Any] = {
+            "socket_connect_timeout": min(2.0, request_timeout),
             # Above the longest blocking read (``claim``'s block_s, a second or two).
-            socket_timeout=max(request_timeout, 3.0),
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
-            health_check_interval=5,
-        )
-        client = aioredis.Redis.from_pool(pool)  # closes the pool with the client
-        queue = cls(client, **kwargs)
+            "socket_timeout": max(request_timeout, 3.0),
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
+            "health_check_interval": 5,
+        }
+        client: Any
+        if cluster:
+            client = RedisCluster.from_url(url, **options)
+        else:
+            # A blocking pool: past MAX_CONNECTIONS a request waits for a free connection
+            # (up to request_timeout) instead of failing with "Too many connections" at
+            # once, which under a burst of posts left their fan-out to the sweeper.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=MAX_CONNECTIONS, timeout=request_timeout, **options)
+            client = aioredis.Redis.from_pool(pool)  # closes the pool with the client
+        queue = cls(client, cluster=cluster, **kwargs)
         try:
             await queue._create_groups()
         except RetryableError as exc:
@@ -102,10 +143,13 @@ class RedisQueue:
             raise RetryableError(f"cannot reach Redis: {exc}") from exc
         return queue
 
+    def all_streams(self) -> list[str]:
+        return list(self.stream_keys.values())
+
     async def _create_groups(self) -> None:
         """The consumer group on every stream (again after a Redis that lost its data)."""
         with _redis_errors():
-            for stream in self.streams.values():
+            for stream in self.stream_keys.values():
                 try:
                     await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
                 except ResponseError as exc:
@@ -120,31 +164,33 @@ class RedisQueue:
         await self.redis.aclose()
 
     async def enqueue(self, priority: Priority, envelope: Envelope) -> str:
+        shard = random.randrange(self.shards)
         with _redis_errors():
             entry_id = await self.redis.xadd(
-                self.streams[priority], {_FIELD: encode_envelope(envelope)}
+                self.stream_keys[shard, priority], {_FIELD: encode_envelope(envelope)}
             )
         return _text(entry_id)
 
-    async def _deliveries(self, priority: Priority, entries: list[Any]) -> list[Delivery]:
+    async def _deliveries(self, stream: str, entries: list[Any]) -> list[Delivery]:
+        shard, priority = self._by_key[stream]
         out = []
         for entry_id, fields in entries:
             if not fields:  # deleted while pending
                 continue
             eid = _text(entry_id)
             try:
-                out.append(Delivery(priority, eid, decode_envelope(fields[_FIELD])))
+                out.append(Delivery(priority, eid, decode_envelope(fields[_FIELD]), shard))
             except (KeyError, msgspec.DecodeError) as exc:
-                await self._dead_letter_raw(priority, eid, fields, repr(exc))
+                await self._dead_letter_raw(shard, priority, eid, fields, repr(exc))
         return out
 
-    async def _dead_letter_raw(self, priority: Priority, entry_id: str,
+    async def _dead_letter_raw(self, shard: int, priority: Priority, entry_id: str,
                                fields: dict[bytes, bytes], detail: str) -> None:
         """An entry no version of the code can read (say, after an incompatible deploy):
         kept as it is in the dead-letter stream with reason ``poison``, then removed."""
-        stream = self.streams[priority]
+        stream = self.stream_keys[shard, priority]
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dlq, {_RAW: msgspec.msgpack.encode(
+            pipe.xadd(self.dlq_keys[shard], {_RAW: msgspec.msgpack.encode(
                 {"entry_id": entry_id, "priority": priority, "reason": "poison",
                  "detail": detail[:1000], "fields": fields})})
             pipe.xack(stream, GROUP, entry_id)
@@ -156,7 +202,7 @@ class RedisQueue:
             try:
                 return await self._claim(consumer, block_s)
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not _no_group(exc):
                     raise
                 # Redis came back without its data (no persistence, a failover to a replica
                 # that never had the stream): make the group again; lost entries are the
@@ -179,36 +225,46 @@ class RedisQueue:
                 return delivery
             await self.shed(delivery)
 
+    def _shard_order(self, consumer: str) -> list[int]:
+        """Every shard, starting at the consumer's home shard (consumers of a process get
+        homes in turn, so each shard has a consumer blocking on it)."""
+        home = self._home.get(consumer)
+        if home is None:
+            home = self._home[consumer] = next(self._next_home) % self.shards
+        return [(home + i) % self.shards for i in range(self.shards)]
+
     async def _fill(self, consumer: str, buffer: list[Delivery], block_s: float) -> bool:
-        """Reclaim idle entries of dead consumers, else read new entries by priority,
-        else block on all streams for up to ``block_s``. True when any entry was read."""
+        """Reclaim idle entries of dead consumers, else read new entries by priority (high
+        on every shard before medium on any), else block on the home shard's streams for
+        up to ``block_s``. True when any entry was read."""
+        shards = self._shard_order(consumer)
         now = time.monotonic()
         if now - self._last_reclaim.get(consumer, 0.0) >= self.claim_idle_ms / 2000:
             self._last_reclaim[consumer] = now
             for priority in PRIORITIES:
-                reply: Any = await self.redis.xautoclaim(
-                    self.streams[priority], GROUP, consumer,
-                    min_idle_time=self.claim_idle_ms, start_id="0-0", count=16,
-                )
-                buffer.extend(await self._deliveries(priority, reply[1]))
+                for shard in shards:
+                    stream = self.stream_keys[shard, priority]
+                    reply: Any = await self.redis.xautoclaim(
+                        stream, GROUP, consumer, min_idle_time=self.claim_idle_ms,
+                        start_id="0-0", count=16,
+                    )
+                    buffer.extend(await self._deliveries(stream, reply[1]))
             if buffer:
                 return True
         for priority in PRIORITIES:
-            read: Any = await self.redis.xreadgroup(
-                GROUP, consumer, {self.streams[priority]: ">"}, count=1
-            )
-            if read:
-                buffer.extend(await self._deliveries(priority, read[0][1]))
-                return True
+            for shard in shards:
+                stream = self.stream_keys[shard, priority]
+                read: Any = await self.redis.xreadgroup(GROUP, consumer, {stream: ">"},
+                                                        count=1)
+                if read:
+                    buffer.extend(await self._deliveries(stream, read[0][1]))
+                    return True
         if block_s > 0:
+            home = {self.stream_keys[shards[0], p]: ">" for p in PRIORITIES}
             blocked: Any = await self.redis.xreadgroup(
-                GROUP, consumer, {s: ">" for s in self.streams.values()}, count=1,
-                block=max(1, int(block_s * 1000)),
-            )
-            by_stream = {v: k for k, v in self.streams.items()}
+                GROUP, consumer, home, count=1, block=max(1, int(block_s * 1000)))
             for stream, entries in blocked or []:
-                name = stream.decode() if isinstance(stream, bytes) else stream
-                buffer.extend(await self._deliveries(by_stream[name], entries))
+                buffer.extend(await self._deliveries(_text(stream), entries))
             return bool(blocked)
         return False
 
@@ -221,7 +277,7 @@ class RedisQueue:
         await self._dead_letter(delivery, "shed", "older than FEEDSVC_LOW_MAX_AGE")
 
     async def ack(self, delivery: Delivery) -> None:
-        stream = self.streams[delivery.priority]
+        stream = self.stream_keys[delivery.shard, delivery.priority]
         with _redis_errors():
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
@@ -229,7 +285,7 @@ class RedisQueue:
                     pipe.xdel(stream, delivery.entry_id)
                     await pipe.execute()
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not _no_group(exc):
                     raise
                 # Redis lost the stream since the claim: the entry is gone already.
 
@@ -238,7 +294,7 @@ class RedisQueue:
             try:
                 await self._dead_letter(delivery, reason, detail)
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not _no_group(exc):
                     raise
                 await self._create_groups()  # Redis lost the stream: record it again
                 await self._dead_letter(delivery, reason, detail)
@@ -247,68 +303,109 @@ class RedisQueue:
         """Record and acknowledge in one transaction: never both lost nor both kept."""
         record = DeadLetter(delivery.entry_id, delivery.priority, reason, detail[:1000],
                             now_ms(), delivery.envelope)
-        stream = self.streams[delivery.priority]
+        stream = self.stream_keys[delivery.shard, delivery.priority]
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dlq, {_FIELD: msgspec.msgpack.encode(record)})
+            pipe.xadd(self.dlq_keys[delivery.shard], {_FIELD: msgspec.msgpack.encode(record)})
             pipe.xack(stream, GROUP, delivery.entry_id)
             pipe.xdel(stream, delivery.entry_id)
             await pipe.execute()
 
-    def _letters(self, entries: Any) -> list[DeadLetter]:
+    # --- dead letters ---------------------------------------------------------------------
+    # A dead letter's id is its dead-letter stream entry id, prefixed with "<shard>:" when
+    # the queue has shards.
+
+    def _dlq_id(self, shard: int, entry_id: str) -> str:
+        return f"{shard}:{entry_id}" if self.tagged else entry_id
+
+    def _parse_dlq_id(self, dlq_id: str) -> tuple[int, str] | None:
+        match = _DLQ_ID.match(dlq_id)
+        if match is None:
+            return None
+        shard = int(match.group(1) or 0)
+        return (shard, match.group(2)) if shard < self.shards else None
+
+    def _letters(self, shard: int, entries: Any) -> list[DeadLetter]:
         """Decoded dead letters with their ids; raw (unreadable) entries are left out."""
         out = []
-        for dlq_id, fields in entries:
+        for entry_id, fields in entries:
             if _FIELD in fields:
                 letter = _letter_decoder.decode(fields[_FIELD])
-                out.append(msgspec.structs.replace(letter, dlq_id=_text(dlq_id)))
+                out.append(msgspec.structs.replace(
+                    letter, dlq_id=self._dlq_id(shard, _text(entry_id))))
         return out
 
     async def dead_letters(self, limit: int, before: str | None = None) -> list[DeadLetter]:
+        bound = "+"
+        if before:
+            parsed = self._parse_dlq_id(before)
+            if parsed is None:
+                return []
+            bound = f"({parsed[1]}"
+        found: list[tuple[tuple[int, int], DeadLetter]] = []
         with _redis_errors():
-            entries: Any = await self.redis.xrevrange(
-                self.dlq, max=f"({before}" if before else "+", count=limit)
-        return self._letters(entries)
+            for shard, key in enumerate(self.dlq_keys):
+                entries: Any = await self.redis.xrevrange(key, max=bound, count=limit)
+                found += [(_entry_order(letter.dlq_id), letter)
+                          for letter in self._letters(shard, entries)]
+        found.sort(key=lambda pair: pair[0], reverse=True)  # newest first across shards
+        return [letter for _, letter in found[:limit]]
 
     async def dead_letter_get(self, dlq_id: str) -> DeadLetter | None:
+        parsed = self._parse_dlq_id(dlq_id)
+        if parsed is None:
+            return None
+        shard, entry_id = parsed
         with _redis_errors():
-            entries: Any = await self.redis.xrange(self.dlq, min=dlq_id, max=dlq_id, count=1)
-        letters = self._letters(entries)
+            entries: Any = await self.redis.xrange(self.dlq_keys[shard], min=entry_id,
+                                                   max=entry_id, count=1)
+        letters = self._letters(shard, entries)
         return letters[0] if letters else None
 
     async def replay(self, dlq_id: str) -> bool:
         letter = await self.dead_letter_get(dlq_id)
-        if letter is None:
+        parsed = self._parse_dlq_id(dlq_id)
+        if letter is None or parsed is None:
             return False
-        # A new entry with a new queued time: a low task is not shed again at once.
+        shard, entry_id = parsed
+        # A new entry with a new queued time: a low task is not shed again at once. It goes
+        # back to its own shard, in the same transaction (one slot) as the removal.
         envelope = msgspec.structs.replace(letter.envelope, enqueued_at=now_ms())
         with _redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.streams[letter.priority], {_FIELD: encode_envelope(envelope)})
-                pipe.xdel(self.dlq, dlq_id)
+                pipe.xadd(self.stream_keys[shard, letter.priority],
+                          {_FIELD: encode_envelope(envelope)})
+                pipe.xdel(self.dlq_keys[shard], entry_id)
                 _, removed = await pipe.execute()
         return bool(removed)
 
     async def stats(self) -> QueueStats:
         with _redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                for stream in self.streams.values():
-                    pipe.xlen(stream)
-                pipe.xlen(self.dlq)
+                for shard in range(self.shards):
+                    for priority in PRIORITIES:
+                        pipe.xlen(self.stream_keys[shard, priority])
+                for key in self.dlq_keys:
+                    pipe.xlen(key)
                 pipe.get(self.shed_key)
-                *depths, dlq, shed = await pipe.execute()
-        return QueueStats(
-            depth=dict(zip(PRIORITIES, (int(d) for d in depths), strict=True)),
-            dead_letters=int(dlq), shed=int(shed or 0),
-        )
+                replies = await pipe.execute()
+        depth: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
+        for i, length in enumerate(replies[:self.shards * len(PRIORITIES)]):
+            depth[PRIORITIES[i % len(PRIORITIES)]] += int(length)
+        dlq = sum(int(n) for n in replies[self.shards * len(PRIORITIES):-1])
+        return QueueStats(depth=depth, dead_letters=dlq, shed=int(replies[-1] or 0))
 
     # --- for the outbox sweeper -----------------------------------------------------------
 
     async def oldest_queued_ms(self, priority: Priority) -> int | None:
+        oldest: int | None = None
         with _redis_errors():
-            entries: Any = await self.redis.xrange(self.streams[priority], count=1)
-        if not entries:
-            return None
-        return int(_text(entries[0][0]).partition("-")[0])  # entry ids start with Redis' ms
+            for shard in range(self.shards):
+                entries: Any = await self.redis.xrange(self.stream_keys[shard, priority],
+                                                       count=1)
+                if entries:  # entry ids start with Redis' clock in ms
+                    queued = int(_text(entries[0][0]).partition("-")[0])
+                    oldest = queued if oldest is None else min(oldest, queued)
+        return oldest
 
     async def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         with _redis_errors():
@@ -319,7 +416,7 @@ class RedisQueue:
     async def prune_consumers(self, idle_s: float) -> int:
         removed = 0
         with _redis_errors():
-            for stream in self.streams.values():
+            for stream in self.stream_keys.values():
                 consumers: Any = await self.redis.xinfo_consumers(stream, GROUP)
                 for consumer in consumers:
                     if consumer["pending"] == 0 and consumer["idle"] > idle_s * 1000:
