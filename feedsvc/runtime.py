@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from feedsvc.clock import now_ms
 from feedsvc.config import Settings
+from feedsvc.delivery.recipients import Recipients
 from feedsvc.queue.base import Queue
 from feedsvc.store.base import BackendStore, Outbox, Store
 
@@ -70,6 +71,7 @@ class Runtime:
     store: Store
     queue: Queue
     outbox: Outbox  # both stores implement it beside ``Store``: pass the same object
+    recipients: Recipients  # delivery: devices, contacts, preferences
     pull_set: PullSetCache = field(default_factory=PullSetCache)
     health: WorkerHealth = field(default_factory=lambda: WorkerHealth())
 
@@ -101,10 +103,24 @@ async def open_store(settings: Settings) -> BackendStore:
 
     return await CassandraStore.open(
         settings.cassandra_hosts, settings.keyspace, settings.fanout_concurrency,
-        request_timeout=settings.request_timeout, shards=settings.queue_shards,
-        cluster=settings.redis_cluster, consistency=settings.consistency,
+        request_timeout=settings.request_timeout, consistency=settings.consistency,
         serial_consistency=settings.serial_consistency,
     )
+
+
+async def open_recipients(store: BackendStore) -> Recipients:
+    """The delivery recipients, on the same file or session as ``store``."""
+    from feedsvc.store.cassandra import CassandraStore
+
+    if isinstance(store, CassandraStore):
+        from feedsvc.store.recipients_cassandra import CassandraRecipients
+
+        return await CassandraRecipients.open(store)
+    from feedsvc.store.recipients_sqlite import SqliteRecipients
+    from feedsvc.store.sqlite import SqliteStore
+
+    assert isinstance(store, SqliteStore)
+    return await SqliteRecipients.open(store)
 
 
 async def open_queue(settings: Settings) -> Queue:
@@ -131,9 +147,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     settings.check_backend()
     store = await open_store(settings)
     try:
+        recipients = await open_recipients(store)
         queue = await open_queue(settings)
         try:
-            yield Runtime(settings, store, queue, outbox=store)
+            yield Runtime(settings, store, queue, outbox=store, recipients=recipients)
         finally:
             await queue.close()
     finally:

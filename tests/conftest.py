@@ -22,6 +22,8 @@ from feedsvc.queue.embedded import EmbeddedQueue
 from feedsvc.queue.redis import RedisQueue
 from feedsvc.runtime import Runtime
 from feedsvc.store.cassandra import CassandraStore, connect_cluster
+from feedsvc.store.recipients_cassandra import CassandraRecipients
+from feedsvc.store.recipients_sqlite import SqliteRecipients
 from feedsvc.store.sqlite import SqliteStore
 from tests.servers import Endpoints, discover
 
@@ -71,6 +73,11 @@ async def cassandra_store(cassandra: CassandraKeyspace) -> CassandraStore:
     return store
 
 
+@pytest.fixture(scope="session")
+async def cassandra_recipients(cassandra_store: CassandraStore) -> CassandraRecipients:
+    return await CassandraRecipients.open(cassandra_store)
+
+
 @pytest.fixture
 def prefix() -> str:
     """A per-test namespace for ids and Redis keys."""
@@ -106,6 +113,7 @@ MakeRuntime = Callable[..., Awaitable[Runtime]]
 async def make_runtime(
     request: pytest.FixtureRequest, tmp_path: Path, prefix: str, endpoints: Endpoints,
     cassandra: CassandraKeyspace, cassandra_store: CassandraStore,
+    cassandra_recipients: CassandraRecipients,
 ) -> AsyncIterator[MakeRuntime]:
     """Factory: ``await make_runtime(celebrity_threshold=5)`` -> a Runtime on this test's
     backend (parametrized: embedded, cassandra). Everything it opens is closed after."""
@@ -120,6 +128,7 @@ async def make_runtime(
                 settings.data_dir / "queue.sqlite3", claim_idle=settings.claim_idle,
                 low_max_age=settings.low_max_age)
             opened.append(store.close)
+            recipients = await SqliteRecipients.open(store)
         else:
             settings = base_settings(
                 cassandra_hosts=endpoints.cassandra_hosts, redis_url=endpoints.redis_url,
@@ -130,9 +139,10 @@ async def make_runtime(
                 low_max_age=settings.low_max_age, shards=settings.queue_shards)
             opened.append(queue.close)
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
-            return Runtime(settings, store, queue, outbox=store)
+            return Runtime(settings, store, queue, outbox=store,
+                           recipients=cassandra_recipients)
         opened.append(queue.close)
-        return Runtime(settings, store, queue, outbox=store)
+        return Runtime(settings, store, queue, outbox=store, recipients=recipients)
 
     yield factory
     for close in reversed(opened):

@@ -23,6 +23,7 @@ from feedsvc.queue.redis import RedisQueue
 from feedsvc.runtime import Runtime
 from feedsvc.store.base import OutboxRow, outbox_bucket
 from feedsvc.store.cassandra import CassandraStore
+from feedsvc.store.recipients_cassandra import CassandraRecipients
 from feedsvc.sweeper import QUEUE_CLOCK_SKEW_MS, Sweeper, decide
 from feedsvc.workers import drain, run_workers
 from tests.apiclient import Api
@@ -263,7 +264,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 @pytest.fixture
 async def cassandra_runtime(
     endpoints: Endpoints, cassandra: CassandraKeyspace, cassandra_store: CassandraStore,
-    private_redis: PrivateRedis, prefix: str,
+    cassandra_recipients: CassandraRecipients, private_redis: PrivateRedis, prefix: str,
 ) -> AsyncIterator[Runtime]:
     settings = base_settings(
         cassandra_hosts=endpoints.cassandra_hosts, redis_url=private_redis.url,
@@ -272,7 +273,8 @@ async def cassandra_runtime(
     queue = await RedisQueue.open(private_redis.url, prefix=prefix, claim_idle=1.0,
                                   request_timeout=2.0)
     try:
-        yield Runtime(settings, cassandra_store, queue, outbox=cassandra_store)
+        yield Runtime(settings, cassandra_store, queue, outbox=cassandra_store,
+                      recipients=cassandra_recipients)
     finally:
         await queue.close()
 

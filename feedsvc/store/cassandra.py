@@ -361,6 +361,29 @@ class CassandraStore:
         except RequestValidationException as exc:
             raise PermanentError(f"cassandra refused {name}: {exc}") from exc
 
+    async def prepare(self, statements: dict[str, str]) -> dict[str, PreparedStatement]:
+        """Prepare another port's statements on this session (``{ks}`` names the keyspace);
+        for the ports that share it (``recipients_cassandra``)."""
+        def prepare_all() -> dict[str, PreparedStatement]:
+            return {name: self.session.prepare(cql.format(ks=self.keyspace))
+                    for name, cql in statements.items()}
+
+        try:
+            return await asyncio.to_thread(prepare_all)
+        except InvalidRequest as exc:
+            raise ConfigError(f"keyspace {self.keyspace!r} is not migrated ({exc}): run "
+                              "`feedsvc migrate`") from exc
+        except _DRIVER_ERRORS as exc:
+            raise RetryableError(f"cassandra: preparing statements failed: {exc}") from exc
+
+    async def run(self, statement: PreparedStatement, *params: Any) -> list[Any]:
+        """Run another port's prepared statement through this store's request limit and
+        error map; rows are plain tuples."""
+        try:
+            return await self._execute(statement, params, TUPLES)
+        except RequestValidationException as exc:
+            raise PermanentError(f"cassandra refused a request: {exc}") from exc
+
     async def _execute(self, statement: Any, params: Any = None,
                        profile: Any = EXEC_PROFILE_DEFAULT) -> list[Any]:
         """One request, at most ``concurrency`` in flight. Two refusals are sent again here

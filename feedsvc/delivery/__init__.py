@@ -1,0 +1,1 @@
+"""Notification delivery: recipients, templates, notify fan-out, channel workers, providers."""
