@@ -96,6 +96,16 @@ def parse_body(raw: bytes) -> tuple[EventIn, str]:
     return event, body_hash
 
 
+def error_field(message: str) -> str | None:
+    """The field a msgspec validation message names (``$.a.b`` -> ``a.b``; an unknown or
+    missing field's own name appended), if any."""
+    where, name = _PATH.search(message), _FIELD_NAME.search(message)
+    path = where.group(1) if where else ""
+    if name and ("unknown field" in message or "missing required field" in message):
+        return f"{path}.{name.group(1)}" if path else name.group(1)
+    return path or None
+
+
 def parse_created_at(value: str | int | None, now_ms: int) -> int:
     if value is None:
         return now_ms

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from feedsvc.api import recipients
 from feedsvc.model import EVENT_ID_PATTERN, MAX_AUDIENCE, MAX_BULK_FOLLOWS
 
 _ERROR = {"$ref": "#/components/responses/Error"}
@@ -162,6 +165,10 @@ def spec() -> dict[str, Any]:
                                {"200": ok, "503": _ERROR})},
         "/openapi.json": {"get": _op("This document", None, {"200": ok})},
     }
+    paths.update(recipients.openapi_paths(_op, _param, _AUTH_ERRORS))
+    _, generated = msgspec.json.schema_components(recipients.SCHEMA_TYPES,
+                                                  ref_template="#/components/schemas/{name}")
+    schemas.update(generated)
     return {
         "openapi": "3.1.0",
         "info": {"title": "feedsvc", "version": "0.1.0",
