@@ -52,10 +52,11 @@ class CassandraKeyspace:
 
 @pytest.fixture(scope="session")
 async def cassandra(endpoints: Endpoints) -> AsyncIterator[CassandraKeyspace]:
-    """A session on a fresh, migrated keyspace, dropped at the end."""
+    """A session on a fresh keyspace (replication: ``FEEDSVC_REPLICATION`` when set), migrated,
+    dropped at the end."""
     cluster, session = await asyncio.to_thread(connect_cluster, endpoints.cassandra_hosts)
     keyspace = f"feedsvc_test_{uuid.uuid4().hex[:12]}"
-    await asyncio.to_thread(migrate, session, keyspace)
+    await asyncio.to_thread(migrate, session, keyspace, endpoints.replication)
     try:
         yield CassandraKeyspace(cluster, session, keyspace, endpoints.cassandra_hosts)
     finally:
