@@ -103,7 +103,7 @@ class Server:
         pid = self.running_pid()
         if pid is not None:
             if pid_stopped(pid):
-                raise ServiceError(f"{self.name} (pid {pid}) is paused: `resume {self.name}`")
+                raise ServiceError(f"{self.name} (pid {pid}) is paused (SIGSTOP): resume it first")
             if self.answers():
                 say(f"{self.name} is already running (pid {pid}) on {self.endpoint()}; reusing it")
                 return
