@@ -58,11 +58,13 @@ def start(servers: Topology, chosen: list[Server]) -> None:
 
 
 def wait_for_peers(nodes: list[CassandraServer]) -> None:
-    """Every running node lists every other node as a peer (gossip has spread the ring)."""
+    """Every running node lists every other node as a peer (gossip has spread the ring);
+    nodes that are not running (stopped or killed on purpose) are not asked."""
     started = time.monotonic()
     want = len(nodes) - 1
+    running = [node for node in nodes if node.running_pid() is not None]
     while True:
-        seen = {node.name: node.peers_seen() for node in nodes}
+        seen = {node.name: node.peers_seen() for node in running}
         if all(count == want for count in seen.values()):
             return
         if time.monotonic() - started > PEERS_TIMEOUT_S:
@@ -141,6 +143,9 @@ def nodetool(args: list[str]) -> int:
     named = [node for node in nodes if args[1:2] == [node.name]]
     if named:
         return named[0].nodetool(args[2:])
+    if args[1:2] and args[1].startswith("cassandra-"):
+        names = ", ".join(node.name for node in nodes)
+        raise ServiceError(f"unknown cluster node {args[1]!r}; choose from {names}")
     worst = 0
     for node in nodes:
         say(f"nodetool {' '.join(args[1:])} on {node.name}")

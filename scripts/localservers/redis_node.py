@@ -172,17 +172,19 @@ def cluster_info(node: RedisServer) -> dict[str, str] | None:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
-def cluster_not_ready(nodes: Sequence[RedisServer]) -> str | None:
-    """Why the cluster is not ready for clients yet, or None when it is: every node says
-    ``cluster_state:ok`` and knows all the others, and every replica is in sync."""
+def cluster_not_ready(nodes: Sequence[RedisServer], size: int | None = None) -> str | None:
+    """Why the cluster is not ready for clients yet, or None when it is: each of ``nodes``
+    says ``cluster_state:ok`` and knows all ``size`` nodes (default: ``nodes`` are all of
+    them), and every replica among them is in sync."""
+    size = len(nodes) if size is None else size
     for node in nodes:
         info = cluster_info(node)
         if info is None:
             return f"{node.name} does not answer"
         if info.get("cluster_state") != "ok":
             return f"{node.name} says cluster_state:{info.get('cluster_state')}"
-        if info.get("cluster_known_nodes") != str(len(nodes)):
-            return f"{node.name} knows {info.get('cluster_known_nodes')} of {len(nodes)} nodes"
+        if info.get("cluster_known_nodes") != str(size):
+            return f"{node.name} knows {info.get('cluster_known_nodes')} of {size} nodes"
         try:
             role = redis_command(node.host, node.port, "ROLE")
         except (OSError, ValueError, RedisReplyError) as exc:
@@ -233,9 +235,11 @@ def form_cluster(nodes: Sequence[RedisServer], lock_file: Path) -> None:
 
 
 def wait_node_in_cluster(node: RedisServer, nodes: Sequence[RedisServer]) -> None:
-    """After one node restarts: wait until the cluster is whole again (bounded)."""
+    """After one node restarts: wait until the cluster is whole again (bounded), as far as
+    the nodes that run can tell (another node may be down on purpose)."""
     started = time.monotonic()
-    while (reason := cluster_not_ready(nodes)) is not None:
+    while (reason := cluster_not_ready(
+            [n for n in nodes if n.running_pid() is not None], len(nodes))) is not None:
         if time.monotonic() - started > CLUSTER_READY_TIMEOUT_S:
             raise ServiceError(f"{node.name} restarted but the redis cluster is not whole "
                                f"after {CLUSTER_READY_TIMEOUT_S:.0f}s: {reason}")
