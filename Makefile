@@ -5,13 +5,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test lint unit services services-stop services-status clean bench bench-quick load chaos
+.PHONY: help venv run test lint unit services services-stop services-status clean bench bench-quick load \
+	chaos services-cluster services-cluster-stop services-cluster-status test-cluster
 
 help:
 	@echo "make run            embedded service on 127.0.0.1:8080 with a demo graph"
 	@echo "make test           start local Redis + Cassandra if needed; ruff, mypy, pytest"
 	@echo "make services       start local Redis + Cassandra; prints FEEDSVC_* lines"
 	@echo "make services-stop  stop them"
+	@echo "make services-cluster       start a 3-node Cassandra cluster + a Redis Cluster (127.0.0.1-3)"
+	@echo "make services-cluster-stop  stop it"
+	@echo "make test-cluster           start the cluster; store, queue, API and crash suites on it"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +36,27 @@ services-stop:
 
 services-status:
 	@$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/services.py status
+
+# The local cluster: Cassandra on 127.0.0.1-3 (RF 3) and a Redis Cluster of three primaries
+# with one replica each (docs/local-servers.md). Started on purpose, not by `make test`.
+CLUSTER_SUITES = tests/test_store_contract.py tests/test_queue_contract.py tests/test_api.py \
+	tests/test_crash.py
+
+services-cluster: venv
+	@$(BIN)/python scripts/services.py start --cluster
+
+services-cluster-stop:
+	@$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/services.py stop --cluster
+
+services-cluster-status:
+	@$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/services.py status --cluster
+
+# Always the cluster's settings (FEEDSVC_CASSANDRA_HOSTS, FEEDSVC_REDIS_URL,
+# FEEDSVC_REDIS_CLUSTER, FEEDSVC_REPLICATION), whatever the environment says.
+test-cluster: venv
+	@set -e; set -a; eval "$$($(BIN)/python scripts/services.py start --cluster)"; set +a; \
+	echo "using FEEDSVC_CASSANDRA_HOSTS=$$FEEDSVC_CASSANDRA_HOSTS FEEDSVC_REDIS_URL=$$FEEDSVC_REDIS_URL (cluster)"; \
+	$(BIN)/pytest $(PYTEST_ARGS) $(CLUSTER_SUITES)
 
 lint: venv
 	$(BIN)/ruff check .

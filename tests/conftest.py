@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from cassandra.cluster import Cluster, Session
+from redis.asyncio.cluster import RedisCluster
 
 from feedsvc.api.app import init_app
 from feedsvc.config import Settings
@@ -54,10 +55,11 @@ class CassandraKeyspace:
 
 @pytest.fixture(scope="session")
 async def cassandra(endpoints: Endpoints) -> AsyncIterator[CassandraKeyspace]:
-    """A session on a fresh, migrated keyspace, dropped at the end."""
+    """A session on a fresh keyspace (replication: ``FEEDSVC_REPLICATION`` when set), migrated,
+    dropped at the end."""
     cluster, session = await asyncio.to_thread(connect_cluster, endpoints.cassandra_hosts)
     keyspace = f"feedsvc_test_{uuid.uuid4().hex[:12]}"
-    await asyncio.to_thread(migrate, session, keyspace)
+    await asyncio.to_thread(migrate, session, keyspace, endpoints.replication)
     try:
         yield CassandraKeyspace(cluster, session, keyspace, endpoints.cassandra_hosts)
     finally:
@@ -87,7 +89,8 @@ def prefix() -> str:
 @pytest.fixture
 async def redis_client(endpoints: Endpoints, prefix: str) -> AsyncIterator[aioredis.Redis]:
     """A Redis client; every key under this test's prefix is deleted afterwards."""
-    client = aioredis.Redis.from_url(endpoints.redis_url)
+    client: Any = (RedisCluster.from_url(endpoints.redis_url) if endpoints.redis_cluster
+                   else aioredis.Redis.from_url(endpoints.redis_url))
     try:
         yield client
     finally:
@@ -132,11 +135,13 @@ async def make_runtime(
         else:
             settings = base_settings(
                 cassandra_hosts=endpoints.cassandra_hosts, redis_url=endpoints.redis_url,
-                keyspace=cassandra.keyspace, queue_prefix=prefix, **overrides)
+                redis_cluster=endpoints.redis_cluster, keyspace=cassandra.keyspace,
+                queue_prefix=prefix, **overrides)
             store = cassandra_store
             queue = await RedisQueue.open(
                 endpoints.redis_url, prefix=settings.queue_prefix, claim_idle=settings.claim_idle,
-                low_max_age=settings.low_max_age, shards=settings.queue_shards)
+                low_max_age=settings.low_max_age, shards=settings.queue_shards,
+                cluster=settings.redis_cluster)
             opened.append(queue.close)
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
             return Runtime(settings, store, queue, outbox=store,

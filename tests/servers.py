@@ -1,14 +1,18 @@
 """Where the test suite's real Cassandra and Redis come from, in order:
 
-1. ``FEEDSVC_CASSANDRA_HOSTS`` / ``FEEDSVC_REDIS_URL`` when set (``make test`` sets them);
+1. ``FEEDSVC_CASSANDRA_HOSTS`` / ``FEEDSVC_REDIS_URL`` when set (``make test`` sets them;
+   ``make test-cluster`` points them at the local cluster);
 2. testcontainers, when a Docker engine answers (the docker CLI alone is not enough);
 3. otherwise the project's own local servers (``scripts/services.py start``).
 
-With ``CI=true`` a server that cannot be had is an error, never a skip.
+The test keyspace's replication is ``FEEDSVC_REPLICATION`` when set (the cluster's is
+``NetworkTopologyStrategy:datacenter1=3``), else one replica. With ``CI=true`` a server that
+cannot be had is an error, never a skip.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from feedsvc.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,6 +33,8 @@ class Endpoints:
     cassandra_hosts: tuple[str, ...]
     redis_url: str
     source: str
+    replication: str = Settings.replication  # of the test keyspace
+    redis_cluster: bool = False  # FEEDSVC_REDIS_URL names a node of a Redis Cluster
 
 
 def docker_engine_answers() -> bool:
@@ -75,11 +83,14 @@ def from_local_servers() -> Endpoints:
 
 def discover(stack: ExitStack) -> Endpoints:
     found = from_env()
-    if found is not None:
-        return found
-    if docker_engine_answers():
-        return from_testcontainers(stack)
-    return from_local_servers()
+    if found is None:
+        found = from_testcontainers(stack) if docker_engine_answers() else from_local_servers()
+    # Parsed as the service parses it: a bad value fails with the variable's name.
+    only = {name: os.environ.get(name, "")
+            for name in ("FEEDSVC_REPLICATION", "FEEDSVC_REDIS_CLUSTER")}
+    settings = Settings.load(only)
+    return dataclasses.replace(found, replication=settings.replication,
+                               redis_cluster=settings.redis_cluster)
 
 
 def _assignments(text: str) -> dict[str, str]:
@@ -88,24 +99,31 @@ def _assignments(text: str) -> dict[str, str]:
 
 
 @functools.cache
-def _local_cassandra_hosts() -> tuple[str, ...]:
-    """Where ``scripts/services.py`` runs its Cassandra node (asked once per test run)."""
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "services.py"), "env"],
-                            check=True, capture_output=True, text=True, timeout=60)
+def _local_cassandra_hosts(*flags: str) -> tuple[str, ...]:
+    """Where ``scripts/services.py`` runs its Cassandra node(s) (asked once per test run):
+    no flags for the single node, ``--cluster`` for the cluster."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "services.py"), "env", *flags],
+        check=True, capture_output=True, text=True, timeout=60)
     return tuple(_assignments(result.stdout).get("FEEDSVC_CASSANDRA_HOSTS", "").split(","))
 
 
 def local_nodetool(endpoints: Endpoints, *args: str) -> None:
-    """Run nodetool against the suite's Cassandra (``scripts/services.py nodetool``). Only
-    the project's local node is reachable that way (its JMX port); tests that need nodetool
-    fail, not skip, against any other node."""
-    if _local_cassandra_hosts() != endpoints.cassandra_hosts:
-        pytest.fail(f"this test needs nodetool, which reaches only the local node "
+    """Run nodetool against the suite's Cassandra (``scripts/services.py nodetool``), on
+    every node when it is the local cluster. Only the nodes scripts/services.py runs are
+    reachable that way (their JMX ports); tests that need nodetool fail, not skip, against
+    any other Cassandra."""
+    if endpoints.cassandra_hosts == _local_cassandra_hosts():
+        where: tuple[str, ...] = ()
+    elif endpoints.cassandra_hosts == _local_cassandra_hosts("--cluster"):
+        where = ("--cluster",)
+    else:
+        pytest.fail(f"this test needs nodetool, which reaches only the local servers "
                     f"scripts/services.py runs, not {','.join(endpoints.cassandra_hosts)}; "
-                    "run it with `make test`", pytrace=False)
+                    "run it with `make test` or `make test-cluster`", pytrace=False)
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "services.py"), "nodetool", *args],
-        capture_output=True, text=True, timeout=120)
+        [sys.executable, str(ROOT / "scripts" / "services.py"), "nodetool", *where, *args],
+        capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"nodetool {' '.join(args)} failed ({result.returncode}): "
                            f"{result.stderr.strip()[-2000:]}")
