@@ -40,7 +40,8 @@ services-status:
 # The local cluster: Cassandra on 127.0.0.1-3 (RF 3) and a Redis Cluster of three primaries
 # with one replica each (docs/local-servers.md). Started on purpose, not by `make test`.
 CLUSTER_SUITES = tests/test_store_contract.py tests/test_queue_contract.py tests/test_api.py \
-	tests/test_crash.py
+	tests/test_durability.py tests/test_recipients.py \
+	tests/test_crash.py tests/test_cluster_faults.py
 
 services-cluster: venv
 	@$(BIN)/python scripts/services.py start --cluster

@@ -64,15 +64,20 @@ def log(message: str) -> None:
 
 
 class Env:
-    """Where the servers are and how feedsvc processes of this run are configured."""
+    """Where the servers are and how feedsvc processes of this run are configured (a Redis
+    Cluster takes ``redis_cluster`` and a few ``shards``; a Cassandra cluster its
+    ``replication``)."""
 
-    def __init__(self, hosts: tuple[str, ...], redis_url: str) -> None:
+    def __init__(self, hosts: tuple[str, ...], redis_url: str, *, redis_cluster: bool = False,
+                 shards: int = 1, replication: str = "SimpleStrategy:1") -> None:
         self.hosts, self.redis_url = hosts, redis_url
+        self.redis_cluster, self.shards, self.replication = redis_cluster, shards, replication
 
     def settings(self, keyspace: str, prefix: str, threshold: int = THRESHOLD) -> Settings:
         return Settings(cassandra_hosts=self.hosts, redis_url=self.redis_url, keyspace=keyspace,
                         queue_prefix=prefix, celebrity_threshold=threshold,
-                        service_keys=(SERVICE_KEY,), jwt_secret=JWT_SECRET)
+                        service_keys=(SERVICE_KEY,), jwt_secret=JWT_SECRET,
+                        redis_cluster=self.redis_cluster, queue_shards=self.shards)
 
     def process_env(self, settings: Settings, port: int | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDSVC_")}
@@ -81,6 +86,8 @@ class Env:
             "FEEDSVC_KEYSPACE": settings.keyspace, "FEEDSVC_QUEUE_PREFIX": settings.queue_prefix,
             "FEEDSVC_CELEBRITY_THRESHOLD": str(settings.celebrity_threshold),
             "FEEDSVC_SERVICE_KEYS": SERVICE_KEY, "FEEDSVC_JWT_SECRET": JWT_SECRET,
+            "FEEDSVC_REDIS_CLUSTER": str(self.redis_cluster).lower(),
+            "FEEDSVC_QUEUE_SHARDS": str(self.shards),
         })
         if port is not None:
             env["FEEDSVC_PORT"] = str(port)
@@ -126,7 +133,7 @@ async def fresh_keyspace(env: Env, keyspace: str) -> None:
     try:
         await asyncio.to_thread(session.execute, f"DROP KEYSPACE IF EXISTS {keyspace}",
                                 timeout=180)
-        await asyncio.to_thread(migrate, session, keyspace)
+        await asyncio.to_thread(migrate, session, keyspace, env.replication)
     finally:
         await asyncio.to_thread(cluster.shutdown)
 

@@ -12,7 +12,10 @@ duplicated in every row is the bar.
 Scenarios (``--scenarios``): ``worker`` (a worker SIGKILLed five times, restarted each
 time), ``redis`` (the local Redis SIGKILLed mid-stream, down 10 s, restarted from its AOF;
 no client retries), ``cassandra`` (the local node SIGSTOPped for 30 s), ``api`` (the API
-SIGKILLed mid-stream and restarted; clients retry). It kills the project's local servers
+SIGKILLed mid-stream and restarted; clients retry). With ``--cluster``, against the local
+three-node Cassandra (RF 3) and Redis Cluster (three queue shards): ``cassandra-node`` (one
+node SIGKILLed for 60 s, then restarted) and ``redis-primary`` (a primary SIGKILLed, its
+replica takes over; the node comes back as a replica). It kills the project's local servers
 (``scripts/services.py``): run it on purpose, never beside other work on them.
 """
 
@@ -23,7 +26,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -36,7 +38,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import redis.asyncio as aioredis
 
 from feedsvc.runtime import open_runtime
 from loadtest.bench import SERVICE_KEY, Env, fresh_keyspace, wait_http
@@ -113,23 +114,10 @@ class Fleet:
                 proc.wait()
 
 
-def listener_pid(port: int) -> int:
-    """The pid of the process listening on 127.0.0.1:``port`` (``ss``, from iproute2)."""
-    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True,
-                         text=True, check=True).stdout
-    match = re.search(r"pid=(\d+)", out)
-    if match is None:
-        raise RuntimeError(f"nothing listens on port {port} (run as the servers' user)")
-    return int(match.group(1))
-
-
-def services(*args: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "services.py"), *args], check=True,
-                   stdout=subprocess.DEVNULL)
-
-
-def port_of(url_or_host: str) -> int:
-    return int(url_or_host.rsplit(":", 1)[1].split("/")[0])
+def services(*args: str) -> str:
+    """``scripts/services.py ARGS`` (kill, pause, resume, start, ... a local server)."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "services.py"), *args],
+                          check=True, capture_output=True, text=True).stdout
 
 
 # --- load -----------------------------------------------------------------------------------
@@ -209,7 +197,7 @@ async def kill_workers(fleet: Fleet, env: Env, tally: Tally) -> None:
 
 async def kill_redis(fleet: Fleet, env: Env, tally: Tally) -> None:
     await asyncio.sleep(5.0)
-    os.kill(listener_pid(port_of(env.redis_url)), signal.SIGKILL)
+    await asyncio.to_thread(services, "kill", "redis")
     log("redis SIGKILLed; down for 10 s")
     await asyncio.sleep(10.0)
     await asyncio.to_thread(services, "start", "redis")
@@ -219,15 +207,34 @@ async def kill_redis(fleet: Fleet, env: Env, tally: Tally) -> None:
 
 async def pause_cassandra(fleet: Fleet, env: Env, tally: Tally) -> None:
     await asyncio.sleep(5.0)
-    pid = listener_pid(port_of(env.hosts[0]))
-    os.kill(pid, signal.SIGSTOP)
+    await asyncio.to_thread(services, "pause", "cassandra")
     log("cassandra SIGSTOPped for 30 s")
     try:
         await asyncio.sleep(30.0)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        await asyncio.to_thread(services, "resume", "cassandra")
     tally.fault_end = time.monotonic()
     log("cassandra SIGCONTed")
+
+
+async def kill_cassandra_node(fleet: Fleet, env: Env, tally: Tally) -> None:
+    await asyncio.sleep(5.0)
+    await asyncio.to_thread(services, "kill", "--cluster", "cassandra-2")
+    log("cassandra-2 SIGKILLed for 60 s")
+    await asyncio.sleep(60.0)
+    await asyncio.to_thread(services, "restart", "--cluster", "cassandra-2")
+    tally.fault_end = time.monotonic()
+    log("cassandra-2 restarted")
+
+
+async def kill_redis_primary(fleet: Fleet, env: Env, tally: Tally) -> None:
+    await asyncio.sleep(5.0)
+    await asyncio.to_thread(services, "kill", "--cluster", "redis-primary")
+    log("a redis primary SIGKILLed; its replica takes over")
+    await asyncio.sleep(20.0)
+    await asyncio.to_thread(services, "start", "--cluster", "redis")  # back, as a replica
+    tally.fault_end = time.monotonic()
+    log("the killed redis node started again")
 
 
 async def kill_api(fleet: Fleet, env: Env, tally: Tally) -> None:
@@ -242,6 +249,10 @@ async def kill_api(fleet: Fleet, env: Env, tally: Tally) -> None:
 
 SCENARIOS: dict[str, tuple[str, Fault, bool]] = {
     "worker": ("worker SIGKILL x5", kill_workers, True),
+    "cassandra-node": ("cluster: a Cassandra node SIGKILL, 60 s down, client retries",
+                       kill_cassandra_node, True),
+    "redis-primary": ("cluster: a Redis primary SIGKILL, replica takes over, client retries",
+                      kill_redis_primary, True),
     "redis": ("Redis SIGKILL, 10 s down, no client retries", kill_redis, False),
     "cassandra": ("Cassandra SIGSTOP 30 s, client retries", pause_cassandra, True),
     "api": ("API SIGKILL x3, client retries", kill_api, True),
@@ -365,31 +376,46 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([head, *lines])
 
 
-async def main_async(args: argparse.Namespace) -> int:
-    hosts = tuple(os.environ["FEEDSVC_CASSANDRA_HOSTS"].split(","))
-    env = Env(hosts, os.environ["FEEDSVC_REDIS_URL"])
+async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every scenario of ``args``, in order, on a fresh keyspace; the table's rows."""
+    if args.cluster:
+        lines = services("start", "--cluster")
+        values = dict(line.split("=", 1) for line in lines.splitlines() if "=" in line)
+        env = Env(tuple(values["FEEDSVC_CASSANDRA_HOSTS"].split(",")),
+                  values["FEEDSVC_REDIS_URL"], redis_cluster=True, shards=3,
+                  replication=values["FEEDSVC_REPLICATION"])
+    else:
+        env = Env(tuple(os.environ["FEEDSVC_CASSANDRA_HOSTS"].split(",")),
+                  os.environ["FEEDSVC_REDIS_URL"])
     keyspace = f"chaos_{int(time.time())}"
     await fresh_keyspace(env, keyspace)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_dir = RESULTS / f"chaos-{stamp}"
     log_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.scenarios.split(","):
+    scenarios = args.scenarios or ("worker,cassandra-node,redis-primary" if args.cluster
+                                   else "worker,redis,cassandra,api")
+    for name in scenarios.split(","):
         rows.append(await run_scenario(env, keyspace, name, args.posts, args.rate, log_dir))
-        redis = aioredis.Redis.from_url(env.redis_url)  # a killed Redis is back before the next
-        try:
-            await redis.ping()
-        finally:
-            await redis.aclose()
-    print(table(rows))
     (RESULTS / f"chaos-{stamp}.json").write_bytes(msgspec.json.encode(rows))
+    return rows
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    rows = await run_all(args)
+    print(table(rows))
     return 0 if all(r["lost"] == 0 and r["duplicated"] == 0 and r["5xx_not_503"] == 0
                     for r in rows) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", default="worker,redis,cassandra,api")
+    parser.add_argument("--scenarios", default="",
+                        help=f"comma list of {', '.join(SCENARIOS)} (default: the four "
+                             "single-node ones, or with --cluster worker,cassandra-node,"
+                             "redis-primary)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="against the local cluster (scripts/services.py --cluster)")
     parser.add_argument("--posts", type=int, default=500)
     parser.add_argument("--rate", type=float, default=25.0, help="posts per second")
     return asyncio.run(main_async(parser.parse_args(argv)))

@@ -4,6 +4,7 @@ runtimes and HTTP clients for both backends and close what they build."""
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
@@ -34,6 +35,18 @@ if TYPE_CHECKING:
 SERVICE_KEY = "test-service-key"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef-0123456789"
 BACKENDS = ["embedded", "cassandra"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Cases marked ``cluster`` kill nodes of the local cluster: they run under
+    ``make test-cluster`` (FEEDSVC_REDIS_CLUSTER=true) and are deselected elsewhere."""
+    if Settings.load({"FEEDSVC_REDIS_CLUSTER": os.environ.get("FEEDSVC_REDIS_CLUSTER", "")}
+                     ).redis_cluster:
+        return
+    chosen = [item for item in items if item.get_closest_marker("cluster") is None]
+    if len(chosen) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in chosen])
+        items[:] = chosen
 
 
 @pytest.fixture(scope="session")
