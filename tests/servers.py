@@ -108,19 +108,30 @@ def _local_cassandra_hosts(*flags: str) -> tuple[str, ...]:
     return tuple(_assignments(result.stdout).get("FEEDSVC_CASSANDRA_HOSTS", "").split(","))
 
 
+def _local_flags(endpoints: Endpoints, needs: str) -> tuple[str, ...]:
+    if endpoints.cassandra_hosts == _local_cassandra_hosts():
+        return ()
+    if endpoints.cassandra_hosts == _local_cassandra_hosts("--cluster"):
+        return ("--cluster",)
+    pytest.fail(f"this test needs {needs}, which reaches only the local servers "
+                f"scripts/services.py runs, not {','.join(endpoints.cassandra_hosts)}; "
+                "run it with `make test` or `make test-cluster`", pytrace=False)
+
+
+def local_services(endpoints: Endpoints, command: str, *servers: str) -> None:
+    """``scripts/services.py COMMAND SERVERS`` (pause, resume, kill, restart) on the suite's
+    local servers; like nodetool, only for the servers scripts/services.py runs."""
+    flags = _local_flags(endpoints, f"`services.py {command}`")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "services.py"), command, *flags,
+                    *servers], check=True, capture_output=True, text=True, timeout=300)
+
+
 def local_nodetool(endpoints: Endpoints, *args: str) -> None:
     """Run nodetool against the suite's Cassandra (``scripts/services.py nodetool``), on
     every node when it is the local cluster. Only the nodes scripts/services.py runs are
     reachable that way (their JMX ports); tests that need nodetool fail, not skip, against
     any other Cassandra."""
-    if endpoints.cassandra_hosts == _local_cassandra_hosts():
-        where: tuple[str, ...] = ()
-    elif endpoints.cassandra_hosts == _local_cassandra_hosts("--cluster"):
-        where = ("--cluster",)
-    else:
-        pytest.fail(f"this test needs nodetool, which reaches only the local servers "
-                    f"scripts/services.py runs, not {','.join(endpoints.cassandra_hosts)}; "
-                    "run it with `make test` or `make test-cluster`", pytrace=False)
+    where = _local_flags(endpoints, "nodetool")
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "services.py"), "nodetool", *where, *args],
         capture_output=True, text=True, timeout=300)

@@ -20,7 +20,7 @@ from feedsvc import intake
 from feedsvc.model import PRIORITIES, Event, Priority
 from feedsvc.queue.embedded import EmbeddedQueue
 from feedsvc.queue.redis import RedisQueue
-from feedsvc.runtime import Runtime
+from feedsvc.runtime import Runtime, open_runtime
 from feedsvc.store.base import OutboxRow, outbox_bucket
 from feedsvc.store.cassandra import CassandraStore
 from feedsvc.store.recipients_cassandra import CassandraRecipients
@@ -28,7 +28,7 @@ from feedsvc.sweeper import QUEUE_CLOCK_SKEW_MS, Sweeper, decide
 from feedsvc.workers import drain, run_workers
 from tests.apiclient import Api
 from tests.conftest import CassandraKeyspace, MakeApi, MakeClient, base_settings
-from tests.servers import Endpoints
+from tests.servers import Endpoints, local_services
 
 # --- the sweeper's decision (pure) --------------------------------------------------------
 
@@ -345,3 +345,49 @@ async def test_intake_answers_202_while_redis_is_down(
     await drain(rt)
     await exactly_once(api, [*fans, author], [event_id])
 
+
+
+# --- Cassandra paused (SIGSTOP), the local node -------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_paused_cassandra_is_waited_out(
+    endpoints: Endpoints, cassandra: CassandraKeyspace, make_client: MakeClient, prefix: str,
+    tmp_path: Path,
+) -> None:
+    """Cassandra stops answering (SIGSTOP) mid fan-out: the API answers 503 with Retry-After
+    within the request timeout instead of hanging, the workers keep their entries and wait,
+    and once the node answers again every accepted event reaches every follower once."""
+    settings = base_settings(
+        cassandra_hosts=endpoints.cassandra_hosts, redis_url=endpoints.redis_url,
+        redis_cluster=endpoints.redis_cluster, keyspace=cassandra.keyspace,
+        queue_prefix=prefix, request_timeout=1.0, celebrity_threshold=1_000, claim_idle=2.0)
+    async with open_runtime(settings) as rt:
+        api = Api(await make_client(rt), rt, prefix)
+        author, fans = await graph(api, followers=300)
+        events = [await api.post_ok(author) for _ in range(20)]
+        stop = asyncio.Event()
+        workers = asyncio.create_task(run_workers(rt, 4, stop))
+        try:
+            await asyncio.sleep(0.2)  # fan-outs under way
+            await asyncio.to_thread(local_services, endpoints, "pause", "cassandra")
+            try:
+                started = time.monotonic()
+                status, body = await api.post(author)
+                waited = time.monotonic() - started
+                assert status == 503 and body["error"]["code"] == "unavailable"
+                assert waited < 5, waited  # the request timeout, not the driver's 30 s
+                await asyncio.sleep(4.0)
+            finally:
+                await asyncio.to_thread(local_services, endpoints, "resume", "cassandra")
+
+            async def delivered() -> bool:
+                counts = [len(await api.rows(u)) for u in [*fans, author]]
+                return all(c >= len(events) for c in counts)
+
+            await _wait_for(delivered, 90, "every event in every inbox")
+            assert not workers.done(), "the workers ended on the Cassandra outage"
+            await exactly_once(api, [*fans, author], events)
+        finally:
+            stop.set()
+            await asyncio.wait_for(workers, timeout=30)
