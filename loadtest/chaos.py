@@ -195,46 +195,32 @@ async def kill_workers(fleet: Fleet, env: Env, tally: Tally) -> None:
     tally.fault_end = time.monotonic()
 
 
-async def kill_redis(fleet: Fleet, env: Env, tally: Tally) -> None:
-    await asyncio.sleep(5.0)
-    await asyncio.to_thread(services, "kill", "redis")
-    log("redis SIGKILLed; down for 10 s")
-    await asyncio.sleep(10.0)
-    await asyncio.to_thread(services, "start", "redis")
-    tally.fault_end = time.monotonic()
-    log("redis started again from its AOF")
+def outage(down: tuple[str, ...], up: tuple[str, ...], seconds: float, what: str) -> Fault:
+    """A fault: 5 s into the load, ``services.py DOWN``; ``seconds`` later ``services.py
+    UP``."""
+    async def fault(fleet: Fleet, env: Env, tally: Tally) -> None:
+        await asyncio.sleep(5.0)
+        await asyncio.to_thread(services, *down)
+        log(f"{what}; down for {seconds:.0f} s")
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            await asyncio.to_thread(services, *up)
+        tally.fault_end = time.monotonic()
+        log(f"{what}: back")
+
+    return fault
 
 
-async def pause_cassandra(fleet: Fleet, env: Env, tally: Tally) -> None:
-    await asyncio.sleep(5.0)
-    await asyncio.to_thread(services, "pause", "cassandra")
-    log("cassandra SIGSTOPped for 30 s")
-    try:
-        await asyncio.sleep(30.0)
-    finally:
-        await asyncio.to_thread(services, "resume", "cassandra")
-    tally.fault_end = time.monotonic()
-    log("cassandra SIGCONTed")
-
-
-async def kill_cassandra_node(fleet: Fleet, env: Env, tally: Tally) -> None:
-    await asyncio.sleep(5.0)
-    await asyncio.to_thread(services, "kill", "--cluster", "cassandra-2")
-    log("cassandra-2 SIGKILLed for 60 s")
-    await asyncio.sleep(60.0)
-    await asyncio.to_thread(services, "restart", "--cluster", "cassandra-2")
-    tally.fault_end = time.monotonic()
-    log("cassandra-2 restarted")
-
-
-async def kill_redis_primary(fleet: Fleet, env: Env, tally: Tally) -> None:
-    await asyncio.sleep(5.0)
-    await asyncio.to_thread(services, "kill", "--cluster", "redis-primary")
-    log("a redis primary SIGKILLed; its replica takes over")
-    await asyncio.sleep(20.0)
-    await asyncio.to_thread(services, "start", "--cluster", "redis")  # back, as a replica
-    tally.fault_end = time.monotonic()
-    log("the killed redis node started again")
+kill_redis = outage(("kill", "redis"), ("start", "redis"), 10, "redis SIGKILLed")
+pause_cassandra = outage(("pause", "cassandra"), ("resume", "cassandra"), 30,
+                         "cassandra SIGSTOPped")
+kill_cassandra_node = outage(("kill", "--cluster", "cassandra-2"),
+                             ("restart", "--cluster", "cassandra-2"), 60,
+                             "cassandra-2 SIGKILLed")
+# The killed primary's replica takes over; the node comes back as a replica.
+kill_redis_primary = outage(("kill", "--cluster", "redis-primary"),
+                            ("start", "--cluster", "redis"), 20, "a redis primary SIGKILLed")
 
 
 async def kill_api(fleet: Fleet, env: Env, tally: Tally) -> None:

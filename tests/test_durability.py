@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
@@ -279,10 +279,15 @@ async def cassandra_runtime(
         await queue.close()
 
 
-async def _wait_for(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
+async def wait_delivered(api: Api, users: list[str], events: list[str], seconds: float
+                         ) -> None:
+    """Until every user has at least ``len(events)`` rows (then ``exactly_once`` checks)."""
     deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    while not all([len(await api.rows(u)) >= len(events) for u in users]):
+        if time.monotonic() > deadline:
+            missing = {u: sorted(set(events) - set(await api.rows(u))) for u in users[:3]}
+            raise AssertionError(f"not delivered within {seconds} s: {missing}; owed "
+                                 f"{await owed(api.rt, events, api.rt.now_ms() - 300_000)}")
         await asyncio.sleep(0.2)
 
 
@@ -305,18 +310,7 @@ async def test_redis_killed_mid_stream_loses_nothing_and_workers_carry_on(
         assert ready.status == 503
         await asyncio.sleep(1.0)  # consumers meet the outage
         private_redis.start()
-
-        async def delivered() -> bool:
-            counts = [len(await api.rows(u)) for u in [*fans, author]]
-            return all(c >= len(events) for c in counts)
-
-        try:
-            await _wait_for(delivered, 60, "every event in every inbox")
-        except AssertionError:
-            missing = {u: sorted(set(events) - set(await api.rows(u))) for u in fans[:3]}
-            stuck = await owed(rt, events, rt.now_ms() - 120_000)
-            raise AssertionError(f"missing {missing}; owed {stuck}; "
-                                 f"depth {await rt.queue.stats()}") from None
+        await wait_delivered(api, [*fans, author], events, 60)
         assert not workers.done(), "the workers ended on the Redis outage"
         await exactly_once(api, [*fans, author], events)
         assert (await api.client.get("/readyz")).status == 200
@@ -380,12 +374,7 @@ async def test_a_paused_cassandra_is_waited_out(
                 await asyncio.sleep(4.0)
             finally:
                 await asyncio.to_thread(local_services, endpoints, "resume", "cassandra")
-
-            async def delivered() -> bool:
-                counts = [len(await api.rows(u)) for u in [*fans, author]]
-                return all(c >= len(events) for c in counts)
-
-            await _wait_for(delivered, 90, "every event in every inbox")
+            await wait_delivered(api, [*fans, author], events, 90)
             assert not workers.done(), "the workers ended on the Cassandra outage"
             await exactly_once(api, [*fans, author], events)
         finally:

@@ -231,11 +231,6 @@ class Recipients(Protocol):
 
     async def contacts(self, user_id: str) -> Contacts | None: ...
 
-    async def deactivate_contact(self, user_id: str, channel: Literal["sms", "email"],
-                                 address: str) -> None:
-        """A hard bounce or an unreachable number: only if ``address`` is still the one on
-        file (a new address set meanwhile stays active)."""
-
     async def put_preferences(self, user_id: str, prefs: Preferences) -> None: ...
 
     async def preferences(self, user_id: str) -> Preferences | None: ...
@@ -256,3 +251,12 @@ def contacts_without(current: Contacts | None, channel: Literal["sms", "email"],
     if channel == "sms" and current.phone == address and current.phone_active:
         return msgspec.structs.replace(current, phone_active=False)
     return None
+
+
+async def deactivate_contact(recipients: Recipients, user_id: str,
+                             channel: Literal["sms", "email"], address: str) -> None:
+    """A hard bounce or an unreachable number: only if ``address`` is still the one on file
+    (a new address set meanwhile stays active)."""
+    changed = contacts_without(await recipients.contacts(user_id), channel, address)
+    if changed is not None:
+        await recipients.put_contacts(user_id, changed)

@@ -5,8 +5,6 @@ racing registrations can pass the limit by one (there is no transaction across r
 
 from __future__ import annotations
 
-from typing import Literal
-
 import msgspec
 from cassandra.query import PreparedStatement
 
@@ -15,7 +13,6 @@ from feedsvc.delivery.recipients import (
     Contacts,
     Device,
     Preferences,
-    contacts_without,
     same_target,
 )
 from feedsvc.store.cassandra import CassandraStore
@@ -79,12 +76,6 @@ class CassandraRecipients:
     async def contacts(self, user_id: str) -> Contacts | None:
         rows = await self.store.run(self._ps["contacts"], user_id)
         return _contacts.decode(rows[0][0]) if rows else None
-
-    async def deactivate_contact(self, user_id: str, channel: Literal["sms", "email"],
-                                 address: str) -> None:
-        changed = contacts_without(await self.contacts(user_id), channel, address)
-        if changed is not None:
-            await self.put_contacts(user_id, changed)
 
     async def put_preferences(self, user_id: str, prefs: Preferences) -> None:
         await self.store.run(self._ps["put_preferences"], user_id, _encoder.encode(prefs))

@@ -4,8 +4,6 @@ one writer). Rows hold msgpack bodies, as on Cassandra."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import msgspec
 
 from feedsvc.delivery.recipients import (
@@ -13,7 +11,6 @@ from feedsvc.delivery.recipients import (
     Contacts,
     Device,
     Preferences,
-    contacts_without,
     same_target,
 )
 from feedsvc.store.sqlite import SqliteStore
@@ -96,12 +93,6 @@ class SqliteRecipients:
         row = await self.store._run(lambda: self.store.db.execute(
             "SELECT body FROM contacts_by_user WHERE user_id = ?", (user_id,)).fetchone())
         return _contacts.decode(row[0]) if row else None
-
-    async def deactivate_contact(self, user_id: str, channel: Literal["sms", "email"],
-                                 address: str) -> None:
-        changed = contacts_without(await self.contacts(user_id), channel, address)
-        if changed is not None:
-            await self.put_contacts(user_id, changed)
 
     async def put_preferences(self, user_id: str, prefs: Preferences) -> None:
         await self.store._run(self.store.db.execute,
