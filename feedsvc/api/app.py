@@ -2,7 +2,11 @@
 
 One middleware authenticates by the route's declared access and maps the error tree of
 ``feedsvc.errors`` to ``{"error": {"code", "message", "field"}}`` responses; nothing a client
-sends can produce a 500. Handlers live in ``feedsvc.api.routes``.
+sends can produce a 500. It ends with a catch-all: an unexpected exception is logged once,
+with a traceback, under an error id that the 500 answer carries (``Error-Id`` header and
+message). A client that goes away mid-request is one INFO line. Handlers live in
+``feedsvc.api.routes``; the listening socket and its connection limits in
+``feedsvc.api.server``.
 """
 
 from __future__ import annotations
@@ -10,16 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 import msgspec
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from feedsvc.auth import Principal, authenticate
 from feedsvc.config import Settings
-from feedsvc.errors import ClientError, PermanentError, RetryableError
-from feedsvc.model import MAX_BULK_BODY_BYTES
+from feedsvc.errors import ClientError, RetryableError
+from feedsvc.model import MAX_BULK_BODY_BYTES, ErrorBody, ErrorOut
 from feedsvc.runtime import Runtime, freeze_startup_heap, open_runtime
 from feedsvc.workers import run_workers
 
@@ -31,16 +36,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RUNTIME = web.AppKey("runtime", Runtime)
 ACCESS = web.AppKey("access", dict)
 PRINCIPAL = web.RequestKey("principal", Principal)
-
-
-class ErrorBody(msgspec.Struct):
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorOut(msgspec.Struct):
-    error: ErrorBody
 
 
 def json_response(body: object, status: int = 200) -> web.Response:
@@ -56,7 +51,19 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return response
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+               408: "request_timeout", 413: "payload_too_large", 431: "headers_too_large"}
+_KEPT_HEADERS = ("Allow",)  # of aiohttp's own answers; its text/plain Content-Type is not
+
+
+def internal_error(exc: BaseException, what: str) -> web.Response:
+    """Log an unexpected exception once, with its traceback, and answer a JSON 500 naming
+    the id it was logged under."""
+    error_id = uuid.uuid4().hex[:16]
+    log.error("internal error %s in %s", error_id, what, exc_info=exc)
+    return error_response(500, "internal_error",
+                          f"the request could not be completed (error id {error_id})",
+                          headers={"Error-Id": error_id})
 
 
 @web.middleware
@@ -68,7 +75,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         if access != "none":
             rt = request.app[RUNTIME]
             principal = authenticate(request.headers.get("Authorization"),
-                                     rt.settings.service_keys, rt.settings.jwt_secret)
+                                     rt.settings.service_keys, rt.settings.jwt_secret,
+                                     rt.settings.jwt_max_ttl)
             if access == "service" and not principal.service:
                 return error_response(403, "forbidden", "this route needs a service key")
             request[PRINCIPAL] = principal
@@ -80,16 +88,21 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason, headers=dict(exc.headers))
+        kept = {k: v for k, v in exc.headers.items() if k in _KEPT_HEADERS}
+        return error_response(exc.status, code, exc.reason, headers=kept)
     except RetryableError as exc:
         log.warning("dependency unavailable: %s", exc)
         return error_response(503, "unavailable", "a dependency is unavailable; retry",
                               headers={"Retry-After": "1"})
-    except msgspec.MsgspecError as exc:  # a decoding path that missed its own mapping
-        return error_response(400, "invalid_request", f"request could not be decoded: {exc}")
-    except PermanentError:
-        log.exception("request failed permanently")
-        return error_response(500, "internal_error", "the request could not be completed")
+    except http_exceptions.HttpProcessingError as exc:  # a malformed body (bad chunking, ...)
+        log.info("malformed request body from %s: %s", request.remote, exc.message)
+        return error_response(400, "invalid_request", "the request body is malformed")
+    except ConnectionError as exc:  # the client went away mid-request: nobody to answer
+        log.info("client %s went away during %s %s: %s", request.remote, request.method,
+                 request.path, exc)
+        return error_response(400, "client_gone", "the connection was lost")
+    except Exception as exc:
+        return internal_error(exc, f"{request.method} {request.path}")
 
 
 def principal_of(request: web.Request) -> Principal:
