@@ -230,7 +230,6 @@ class ErrorBody(msgspec.Struct):
     code: str
     message: str
     field: str | None = None
-    error_id: str | None = None  # set on 500: the id the server logged the failure under
 
 
 class ErrorOut(msgspec.Struct):

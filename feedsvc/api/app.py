@@ -145,9 +145,11 @@ def _workers_ctx(
 
 async def serve(settings: Settings, *, workers: int) -> None:
     """Run the API (and optionally in-process workers) until cancelled."""
+    from feedsvc.api.server import GuardedAppRunner, Limits
+
     async with open_runtime(settings) as rt:
         app = init_app(rt, workers=workers)
-        runner = web.AppRunner(app, access_log=None)
+        runner = GuardedAppRunner(app, Limits.of(settings), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
