@@ -10,7 +10,8 @@ endpoint needs against slow or idle clients.
 - **keep-alive timeout** (``FEEDSVC_KEEPALIVE_TIMEOUT``, 75 s): a connection with no request
   in flight that sends nothing is closed (aiohttp's own timer, whose default is an hour).
 - **body timeout** (``FEEDSVC_BODY_TIMEOUT``, 30 s): applied where the body is read
-  (``routes.read_body``), answered 408.
+  (``routes.read_body``), answered 408; the rest of the body is then read and dropped for at
+  most ``LINGER_S`` (so the client sees the answer) and the connection closed.
 - **connection cap** (``FEEDSVC_MAX_CONNECTIONS``, 1024 per process): a new connection past
   the cap closes the oldest connection that has no request in flight (idle or still sending
   headers); when every connection is busy, the new one is closed at once. Idle sockets can
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 _CODES = {400: "invalid_request", 408: "request_timeout", 413: "payload_too_large",
           414: "uri_too_long", 431: "headers_too_large", 501: "not_implemented"}
+
+
+LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,9 @@ class GuardedAppRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, limits: Limits, **kwargs: Any) -> None:
         kwargs.setdefault("keepalive_timeout", limits.keepalive_timeout)
+        # After an early answer (408, 413, 415) aiohttp reads and drops the rest of the body
+        # for this long so that the client sees the answer; then it closes (default 10 s).
+        kwargs.setdefault("lingering_time", LINGER_S)
         super().__init__(app, **kwargs)
         self.limits = limits
 
