@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test lint unit services services-stop services-status clean bench bench-quick load
+.PHONY: help venv run test lint unit services services-stop services-status clean bench bench-quick load fuzz
 
 help:
 	@echo "make run            embedded service on 127.0.0.1:8080 with a demo graph"
 	@echo "make test           start local Redis + Cassandra if needed; ruff, mypy, pytest"
 	@echo "make services       start local Redis + Cassandra; prints FEEDSVC_* lines"
 	@echo "make services-stop  stop them"
+	@echo "make fuzz           schemathesis, 1,000 examples per operation, both backends"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,12 @@ bench-quick: venv
 
 load: venv
 	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --only locust
+
+# schemathesis against the running service, every check and phase, seeded, with a service
+# key and a user token, on the embedded and the Cassandra + Redis backends; prints the counts.
+FUZZ_EXAMPLES ?= 1000
+fuzz: venv
+	@$(WITH_SERVICES); $(BIN)/python -m tests.fuzz.run --examples $(FUZZ_EXAMPLES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
