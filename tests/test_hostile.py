@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -321,3 +326,18 @@ def test_short_jwt_secret_stops_the_process_at_start() -> None:
     assert Settings.load({"FEEDSVC_JWT_MAX_TTL": "1d"}).jwt_max_ttl == 86_400
     with pytest.raises(ConfigError, match="FEEDSVC_SERVICE_KEYS"):
         Settings.load({"FEEDSVC_SERVICE_KEYS": "good,bad key\u00e9"})
+
+
+def test_migrate_against_a_down_node_prints_one_line() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDSVC_")}
+    env.update(FEEDSVC_CASSANDRA_HOSTS=f"127.0.0.1:{port}", FEEDSVC_REDIS_URL="redis://x:1")
+    done = subprocess.run([str(Path(sys.executable).with_name("feedsvc")), "migrate"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], done.stderr
+    assert "FEEDSVC_CASSANDRA_HOSTS" in lines[0]
