@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from feedsvc.errors import ConfigError
+from feedsvc.ratelimit import Rate
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -150,6 +151,10 @@ _VARS: tuple[_Var, ...] = (
          "idle time after which a keep-alive connection is closed (default 75s)"),
     _Var("max_connections", "FEEDSVC_MAX_CONNECTIONS", _positive_int,
          "open client connections per process; past it idle ones are closed (default 1024)"),
+    _Var("rate_limit_service", "FEEDSVC_RATE_LIMIT_SERVICE", Rate.parse,
+         "requests per service key, e.g. 1000/s (default: no limit)"),
+    _Var("rate_limit_user", "FEEDSVC_RATE_LIMIT_USER", Rate.parse,
+         "requests per user token's user, e.g. 20/s (default: no limit)"),
 )
 
 
@@ -183,6 +188,8 @@ class Settings:
     body_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     max_connections: int = 1024
+    rate_limit_service: Rate | None = None
+    rate_limit_user: Rate | None = None
 
     @property
     def embedded(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from feedsvc.auth import Principal, authenticate
 from feedsvc.config import Settings
 from feedsvc.errors import ClientError, RetryableError
 from feedsvc.model import MAX_BULK_BODY_BYTES, ErrorBody, ErrorOut
+from feedsvc.ratelimit import Buckets, LocalBuckets, RedisBuckets
 from feedsvc.runtime import Runtime, freeze_startup_heap, open_runtime
 from feedsvc.workers import run_workers
 
@@ -36,6 +38,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RUNTIME = web.AppKey("runtime", Runtime)
 ACCESS = web.AppKey("access", dict)
 PRINCIPAL = web.RequestKey("principal", Principal)
+BUCKETS = web.AppKey("buckets", Buckets)  # set only when a rate limit is configured
 
 
 def json_response(body: object, status: int = 200) -> web.Response:
@@ -80,6 +83,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             if access == "service" and not principal.service:
                 return error_response(403, "forbidden", "this route needs a service key")
             request[PRINCIPAL] = principal
+            limited = await _rate_limited(request, principal, handler)
+            if limited is not None:
+                return limited
         return await handler(request)
     except ClientError as exc:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -105,6 +111,30 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return internal_error(exc, f"{request.method} {request.path}")
 
 
+async def _rate_limited(request: web.Request, principal: Principal,
+                        handler: Handler) -> web.StreamResponse | None:
+    """Take a token from the caller's bucket: None when no limit applies, else the answer
+    (429 before the handler runs, or the handler's answer with the RateLimit-* headers)."""
+    settings = request.app[RUNTIME].settings
+    rate = settings.rate_limit_service if principal.service else settings.rate_limit_user
+    buckets = request.app.get(BUCKETS)
+    if rate is None or buckets is None:
+        return None
+    if principal.service:
+        credential = request.headers.get("Authorization", "").encode()
+        key = "service:" + hashlib.sha256(credential).hexdigest()[:24]
+    else:
+        key = f"user:{principal.user_id}"
+    decision = await buckets.take(key, rate)
+    if not decision.allowed:
+        return error_response(429, "rate_limited",
+                              f"too many requests; retry after {decision.retry_after_s}s",
+                              headers=decision.headers(rate))
+    response = await handler(request)
+    response.headers.update(decision.headers(rate))
+    return response
+
+
 def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
@@ -122,7 +152,23 @@ def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
         app[ACCESS].setdefault(path, {})[method] = access
     if workers > 0:
         app.cleanup_ctx.append(_workers_ctx(rt, workers))
+    if rt.settings.rate_limit_service or rt.settings.rate_limit_user:
+        app.cleanup_ctx.append(_buckets_ctx(rt.settings))
     return app
+
+
+def _buckets_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        buckets: Buckets
+        if settings.redis_url and not settings.embedded:
+            buckets = RedisBuckets.open(settings.redis_url, settings.queue_prefix)
+        else:
+            buckets = LocalBuckets()
+        app[BUCKETS] = buckets
+        yield
+        await buckets.close()
+
+    return ctx
 
 
 def _workers_ctx(

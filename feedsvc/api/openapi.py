@@ -81,7 +81,7 @@ def _op(summary: str, security: list[dict[str, list[str]]] | None, ok: dict[str,
         body: str | None = None) -> dict[str, Any]:
     statuses = ["400", "404", "405", "500"]
     if security:
-        statuses += ["401", "403", "422", "503"]
+        statuses += ["401", "403", "422", "429", "503"]
     if body:
         statuses += ["408", "413", "415"]
     responses = dict(ok)
@@ -108,6 +108,14 @@ def spec() -> dict[str, Any]:
         "description": "a dependency is briefly unavailable: retry after Retry-After seconds",
         "headers": {"Retry-After": {"required": True,
                                     "schema": {"type": "integer", "minimum": 0}}},
+        **_json("ErrorOut")}
+    responses["E429"] = {
+        "description": "over the caller's rate limit (FEEDSVC_RATE_LIMIT_SERVICE / _USER); "
+                       "nothing was changed",
+        "headers": {"Retry-After": {"required": True,
+                                    "schema": {"type": "integer", "minimum": 0}},
+                    **{name: {"schema": {"type": "integer", "minimum": 0}} for name in (
+                        "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")}},
         **_json("ErrorOut")}
     responses["E503ready"] = {"description": "the store or the queue does not answer",
                               **_json("ErrorOut")}
