@@ -114,14 +114,15 @@ def user_token() -> str:
 
 
 def run_schemathesis(url: str, backend: str, auth: str, examples: int, seed: int,
-                     max_time: float | None = None) -> Result:
+                     work: Path) -> Result:
+    """One schemathesis run; it keeps its caches under ``work``, not in the repository."""
     credential = SERVICE_KEY if auth == "service key" else user_token()
     command = [_bin("schemathesis"), "--config-file", str(CONFIG), "--no-color", "run",
                f"{url}/openapi.json", "-H", f"Authorization: Bearer {credential}",
                "--max-examples", str(examples), "--seed", str(seed)]
-    if max_time:
-        command += ["--max-time", str(int(max_time))]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+    cwd = work / auth.replace(" ", "-")
+    cwd.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, check=False)
     output = done.stdout + done.stderr
     counts = _CASES.findall(output)
     summary = next((line.strip() for line in reversed(output.splitlines())
@@ -137,7 +138,7 @@ def fuzz(backends: list[str], examples: int, seed: int, work: Path) -> list[Resu
         data.mkdir(parents=True, exist_ok=True)
         with serving(backend, data, work / f"serve-{backend}.log") as url, \
                 ThreadPoolExecutor(2) as pool:  # both credentials at once
-            runs = [pool.submit(run_schemathesis, url, backend, auth, examples, seed)
+            runs = [pool.submit(run_schemathesis, url, backend, auth, examples, seed, work)
                     for auth in ("service key", "user token")]
             for run in runs:
                 result = run.result()
