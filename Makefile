@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 .PHONY: help venv run test lint unit services services-stop services-status clean bench bench-quick load \
-	chaos services-cluster services-cluster-stop services-cluster-status test-cluster
+	fuzz chaos services-cluster services-cluster-stop services-cluster-status test-cluster
 
 help:
 	@echo "make run            embedded service on 127.0.0.1:8080 with a demo graph"
@@ -16,6 +16,8 @@ help:
 	@echo "make services-cluster       start a 3-node Cassandra cluster + a Redis Cluster (127.0.0.1-3)"
 	@echo "make services-cluster-stop  stop it"
 	@echo "make test-cluster           start the cluster; store, queue, API and crash suites on it"
+	@echo "make fuzz           schemathesis, 1,000 examples per operation, both backends"
+	@echo "make chaos          worker, Redis, Cassandra and API faults under load (kills local servers)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -91,6 +93,12 @@ load: venv
 # Kills and pauses the local Redis and Cassandra: run on purpose, not beside other work.
 chaos: venv
 	@$(WITH_SERVICES); $(BIN)/python -m loadtest.chaos $(CHAOS_ARGS)
+
+# schemathesis against the running service, every check and phase, seeded, with a service
+# key and a user token, on the embedded and the Cassandra + Redis backends; prints the counts.
+FUZZ_EXAMPLES ?= 1000
+fuzz: venv
+	@$(WITH_SERVICES); $(BIN)/python -m tests.fuzz.run --examples $(FUZZ_EXAMPLES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -129,13 +129,38 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         print("migrate: FEEDSVC_CASSANDRA_HOSTS is not set (the embedded backend creates "
               "its schema itself)", file=sys.stderr)
         return 2
-    cluster, session = connect_cluster(settings.cassandra_hosts)
+    hosts = ",".join(settings.cassandra_hosts)
+    try:
+        cluster, session = connect_cluster(settings.cassandra_hosts)
+    except Exception as exc:  # NoHostAvailable, OperationTimedOut, DNS errors, ...
+        print(f"migrate: cannot reach Cassandra at {hosts} ({_first_line(exc)}); check that "
+              "the node is up and FEEDSVC_CASSANDRA_HOSTS names it", file=sys.stderr)
+        return 1
     try:
         applied = migrate(session, settings.keyspace, settings.replication)
     finally:
         cluster.shutdown()
     print(f"migrate: keyspace {settings.keyspace}: applied {applied or 'nothing (up to date)'}")
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    errors = getattr(exc, "errors", None)  # NoHostAvailable: {host: exception}
+    if isinstance(errors, dict) and errors:
+        exc = next(iter(errors.values()))
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+class _DriverOneLine(logging.Filter):
+    """The Cassandra driver logs a traceback with every failed connection attempt; at the
+    command line that is one line (the message), never a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("cassandra"):
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
@@ -267,6 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DriverOneLine())
+    if args.command not in ("serve", "api", "worker"):
+        # One-shot commands say themselves what failed; a long-running process keeps the
+        # driver's warnings (node down, reconnecting) as one line each.
+        logging.getLogger("cassandra").setLevel(logging.CRITICAL)
     try:
         settings = Settings.load(os.environ, args)
         result: int = args.handler(settings, args)

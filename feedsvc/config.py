@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from feedsvc.errors import ConfigError
+from feedsvc.ratelimit import Rate
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -67,7 +68,17 @@ def _hosts(text: str) -> tuple[str, ...]:
 
 
 def _keys(text: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in text.split(",") if k.strip())
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    for key in keys:  # a bearer credential's characters (RFC 6750 b64token)
+        if not re.fullmatch(r"[A-Za-z0-9._~+/-]+=*", key):
+            raise ValueError("keys use only A-Z a-z 0-9 - . _ ~ + / (and trailing =)")
+    return keys
+
+
+def _jwt_secret(text: str) -> str:
+    if len(text.encode()) < 32:
+        raise ValueError("must be at least 32 bytes (HS256 needs a key as long as its hash)")
+    return text
 
 
 def _keyspace(text: str) -> str:
@@ -138,7 +149,8 @@ _VARS: tuple[_Var, ...] = (
     _Var("celebrity_threshold", "FEEDSVC_CELEBRITY_THRESHOLD", _non_negative_int,
          "followers at which an author switches to pull (default 10000)"),
     _Var("service_keys", "FEEDSVC_SERVICE_KEYS", _keys, "comma list of accepted service keys"),
-    _Var("jwt_secret", "FEEDSVC_JWT_SECRET", str, "HS256 secret for user tokens"),
+    _Var("jwt_secret", "FEEDSVC_JWT_SECRET", _jwt_secret,
+         "HS256 secret for user tokens (at least 32 bytes)"),
     _Var("inbox_max", "FEEDSVC_INBOX_MAX", _positive_int, "inbox entries kept (default 800)"),
     _Var("inbox_ttl_days", "FEEDSVC_INBOX_TTL_DAYS", _positive_int,
          "retention in days, from created_at (default 30)"),
@@ -168,6 +180,21 @@ _VARS: tuple[_Var, ...] = (
          "Cassandra requests in flight per process (default 32)"),
     _Var("inbox_trim_every", "FEEDSVC_INBOX_TRIM_EVERY", _non_negative_int,
          "one inbox write in N checks the cap (default 0: FEEDSVC_INBOX_MAX / 2)"),
+    # --- hostile clients: token lifetime, connection limits ---
+    _Var("jwt_max_ttl", "FEEDSVC_JWT_MAX_TTL", _positive_duration,
+         "longest accepted user-token lifetime, exp - iat (default 30d)"),
+    _Var("header_timeout", "FEEDSVC_HEADER_TIMEOUT", _positive_duration,
+         "time a client has to send a request's line and headers (default 10s)"),
+    _Var("body_timeout", "FEEDSVC_BODY_TIMEOUT", _positive_duration,
+         "time a client has to send a request body (default 30s)"),
+    _Var("keepalive_timeout", "FEEDSVC_KEEPALIVE_TIMEOUT", _positive_duration,
+         "idle time after which a keep-alive connection is closed (default 75s)"),
+    _Var("max_connections", "FEEDSVC_MAX_CONNECTIONS", _positive_int,
+         "open client connections per process; past it idle ones are closed (default 1024)"),
+    _Var("rate_limit_service", "FEEDSVC_RATE_LIMIT_SERVICE", Rate.parse,
+         "requests per service key, e.g. 1000/s (default: no limit)"),
+    _Var("rate_limit_user", "FEEDSVC_RATE_LIMIT_USER", Rate.parse,
+         "requests per user token's user, e.g. 20/s (default: no limit)"),
 )
 
 
@@ -201,6 +228,14 @@ class Settings:
     fanout_concurrency: int = 32
     # One inbox write in N checks the cap (0: inbox_max // 2).
     inbox_trim_every: int = 0
+    # --- hostile clients ---
+    jwt_max_ttl: float = 30 * 86_400.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 1024
+    rate_limit_service: Rate | None = None
+    rate_limit_user: Rate | None = None
 
     @property
     def embedded(self) -> bool:

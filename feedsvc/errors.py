@@ -9,7 +9,9 @@
     │   ├── Unauthenticated        401
     │   ├── Forbidden              403
     │   ├── NotFound               404
+    │   ├── RequestTimeout         408 (the body did not arrive in time)
     │   ├── PayloadTooLarge        413
+    │   ├── UnsupportedMediaType   415 (a JSON route sent something else)
     │   └── Unprocessable          422 (well-formed but rejected: too_old, reused key, ...)
     ├── RetryableError         a dependency is briefly unavailable: back off and retry (503)
     └── PermanentError         retrying cannot help: dead-letter the work item
@@ -60,9 +62,19 @@ class NotFound(ClientError):
     code = "not_found"
 
 
+class RequestTimeout(ClientError):
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class Unprocessable(ClientError):

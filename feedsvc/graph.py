@@ -66,7 +66,8 @@ async def follow(rt: Runtime, user_id: str, author_id: str) -> bool:
 
 
 async def unfollow(rt: Runtime, user_id: str, author_id: str) -> bool:
-    _check_pair(user_id, author_id)
+    if user_id == author_id:
+        return False  # never followed: unfollowing is idempotent, so this is done already
     changed = await rt.store.unfollow(user_id, author_id)
     await refresh_mode(rt, author_id)
     if changed:

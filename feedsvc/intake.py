@@ -15,10 +15,11 @@ and answers ``duplicate``. The answer is 503 only when the event could not be st
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -27,9 +28,16 @@ from feedsvc.fanout import write_author_partition
 from feedsvc.graph import refresh_mode
 from feedsvc.model import (
     EVENT_ID_PATTERN,
+    ID_PATTERN,
+    ID_RULE,
+    KIND_MAX,
     MAX_AUDIENCE,
+    MAX_BULK_FOLLOWS,
     MAX_FUTURE_MS,
     MAX_PAYLOAD_BYTES,
+    OBJECT_ID_MAX,
+    RFC3339_PATTERN,
+    Accepted,
     Envelope,
     Event,
     EventIn,
@@ -38,115 +46,151 @@ from feedsvc.model import (
 )
 from feedsvc.runtime import Runtime
 
+__all__ = ["Accepted", "accept", "decode_body", "parse_body", "parse_created_at", "publish",
+           "valid_id", "validate"]
+
 log = logging.getLogger(__name__)
 
-_EVENT_ID = re.compile(EVENT_ID_PATTERN)
-_ID = re.compile(r"^[^\s/\x00-\x1f\x7f]{1,64}$")
-_PATH = re.compile(r"at `\$\.?([^`]*)`")
-_FIELD_NAME = re.compile(r"field `([^`]*)`")
+_ID = re.compile(ID_PATTERN)
+_RFC3339 = re.compile(RFC3339_PATTERN)
+S = TypeVar("S", bound=msgspec.Struct)
 
-
-class Accepted(msgspec.Struct, omit_defaults=True):
-    event_id: str
-    status: Literal["accepted", "duplicate"]
-    route: Route | None = None
+# What a client is told when a field breaks its rule (keyed by msgspec's path, list indices
+# written as []); the limits themselves live on the Structs in feedsvc.model.
+_RULES = {
+    "event_id": f"event_id must match {EVENT_ID_PATTERN} (1-128 of A-Z a-z 0-9 . _ : -)",
+    "author_id": f"author_id must be {ID_RULE}",
+    "kind": f"kind must be a string of 1-{KIND_MAX} characters",
+    "payload": "payload must be a JSON object",
+    "created_at": "created_at must be an RFC 3339 date-time or epoch milliseconds",
+    "priority": "priority must be one of high, medium, low",
+    "object_id": f"object_id must be a string of 1-{OBJECT_ID_MAX} characters or null",
+    "audience": "audience must be an object with a list of users",
+    "audience.users": f"audience.users must list 1-{MAX_AUDIENCE} user ids",
+    "audience.users[]": f"user ids are {ID_RULE}",
+    "follows": f"follows must be a list of at most {MAX_BULK_FOLLOWS} follows",
+    "follows[]": "each follow is an object with user_id and author_id",
+    "follows[].user_id": f"user ids are {ID_RULE}",
+    "follows[].author_id": f"author ids are {ID_RULE}",
+}
+# Lists past their maximum length answer with their own code.
+_TOO_LONG = {"audience.users": "audience_too_large", "follows": "too_many"}
 
 
 def valid_id(value: str) -> bool:
-    """User and author ids: 1-64 characters, no whitespace, control characters or '/'."""
-    return bool(_ID.fullmatch(value))
+    """The one id rule (``feedsvc.model.ID_PATTERN``) for user and author ids."""
+    return bool(_ID.search(value))
 
 
-def decode_json(raw: bytes, into: Any = Any) -> Any:
-    """Decode a request body; malformed or absurdly nested JSON is a 400."""
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+
+
+def decode_json(raw: bytes) -> Any:
+    """Decode a request body; malformed JSON (including invalid UTF-8, absurd nesting or
+    numbers, and an object naming a key twice) is a 400."""
     try:
-        return msgspec.json.decode(raw, type=into)
-    except msgspec.ValidationError:
-        if into is not Any:
-            raise  # the JSON is fine, its shape is not: the caller says which field
-        raise InvalidRequest("body is not valid JSON (a number out of range?)",
-                             code="invalid_json") from None
+        value = msgspec.json.decode(raw)
+        # msgspec keeps the last of two equal keys: refuse them instead, or a caller that
+        # checked the first would see its request act on the second.
+        json.loads(raw, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as exc:
+        raise InvalidRequest(f"body names the key {exc.key!r} twice in one object",
+                             code="duplicate_key") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from exc
-    except RecursionError as exc:
-        raise InvalidRequest("body is nested too deeply", code="invalid_json") from exc
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidRequest("body is not valid JSON (invalid UTF-8, a number out of range "
+                             "or nesting too deep)", code="invalid_json") from exc
+    return value
 
 
-def parse_body(raw: bytes) -> tuple[EventIn, str]:
-    """Decode and type-check the body; returns the event and the hash of its JSON value."""
+def field_error(exc: msgspec.ValidationError) -> Unprocessable:
+    """Turn msgspec's validation error into a 422 naming the field by the path msgspec
+    reports (``... - at `$.audience.users[3]```)."""
+    message = str(exc)
+    text, sep, where = message.rpartition(" - at `$")
+    if not sep:
+        text, where = message, ""
+    path = where.rstrip("`").lstrip(".")
+    code = "invalid_field"
+    for marker, missing_code in (("missing required field `", "missing_field"),
+                                 ("contains unknown field `", "unknown_field")):
+        if marker in text:
+            name = text.partition(marker)[2].rstrip("`")
+            path = f"{path}.{name}" if path else name
+            code = missing_code
+            if code == "unknown_field":
+                return Unprocessable(f"unknown field {path!r}", code=code, field=path)
+            return Unprocessable(f"{path} is required", code=code, field=path)
+    rule = re.sub(r"\[\d+\]", "[]", path)
+    if rule in _TOO_LONG and "length <=" in text:
+        code = _TOO_LONG[rule]
+    return Unprocessable(_RULES.get(rule, message), code=code, field=path or None)
+
+
+def decode_body(raw: bytes, into: type[S]) -> tuple[S, Any]:
+    """Decode a JSON object body into the Struct ``into``; returns it and the JSON value."""
     value = decode_json(raw)
     if not isinstance(value, dict):
         raise InvalidRequest("body must be a JSON object", code="invalid_json")
     try:
-        event = msgspec.convert(value, EventIn)
+        return msgspec.convert(value, into), value
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        field = _PATH.search(message)
-        name = _FIELD_NAME.search(message)
-        code = "invalid_field"
-        if "unknown field" in message:
-            code = "unknown_field"
-        elif "missing required field" in message:
-            code = "missing_field"
-        where = field.group(1) if field else (name.group(1) if name else None)
-        if field and name and code != "invalid_field":
-            where = f"{field.group(1)}.{name.group(1)}"
-        raise Unprocessable(message, code=code, field=where) from exc
+        raise field_error(exc) from exc
+
+
+def parse_body(raw: bytes) -> tuple[EventIn, str]:
+    """Decode and type-check the body; returns the event and the hash of its JSON value."""
+    event, value = decode_body(raw, EventIn)
     body_hash = hashlib.sha256(msgspec.json.encode(value, order="sorted")).hexdigest()
     return event, body_hash
 
 
-def error_field(message: str) -> str | None:
-    """The field a msgspec validation message names (``$.a.b`` -> ``a.b``; an unknown or
-    missing field's own name appended), if any."""
-    where, name = _PATH.search(message), _FIELD_NAME.search(message)
-    path = where.group(1) if where else ""
-    if name and ("unknown field" in message or "missing required field" in message):
-        return f"{path}.{name.group(1)}" if path else name.group(1)
-    return path or None
-
-
 def parse_created_at(value: str | int | None, now_ms: int) -> int:
+    """``created_at`` in epoch ms: exactly RFC 3339's date-time (upper or lower case T and Z,
+    a leap second :60 counts as the next second), or epoch milliseconds."""
     if value is None:
         return now_ms
     if isinstance(value, int):
         return value
+    bad = Unprocessable(_RULES["created_at"], code="invalid_field", field="created_at")
+    match = _RFC3339.search(value)
+    if not match:
+        raise bad
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, zone = match.group(7), match.group(8)
+    leap = second == 60
     try:
-        moment = datetime.fromisoformat(value)
+        if zone in ("Z", "z"):
+            tz = UTC
+        else:
+            hours, minutes = int(zone[1:3]), int(zone[4:6])
+            if hours > 23 or minutes > 59:
+                raise ValueError("offset out of range")
+            sign = -1 if zone[0] == "-" else 1
+            tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
+        moment = datetime(year, month, day, hour, minute, 59 if leap else second, tzinfo=tz)
     except ValueError as exc:
-        raise Unprocessable("created_at must be RFC 3339 or epoch milliseconds",
-                            code="invalid_field", field="created_at") from exc
-    if moment.tzinfo is None or "T" not in value.upper():
-        raise Unprocessable("created_at must be RFC 3339 with a time zone",
-                            code="invalid_field", field="created_at")
-    return int(moment.timestamp() * 1000)
+        raise bad from exc
+    ms = int(moment.timestamp()) * 1000 + (1000 if leap else 0)
+    if fraction:
+        ms += int(fraction[1:4].ljust(3, "0"))
+    return ms
 
 
 def validate(event: EventIn, now_ms: int, retention_ms: int) -> int:
-    """Check the limits; returns created_at in epoch ms."""
-    if not _EVENT_ID.fullmatch(event.event_id):
-        raise Unprocessable("event_id must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-                            code="invalid_field", field="event_id")
-    if not valid_id(event.author_id):
-        raise Unprocessable("author_id must be 1-64 characters without spaces or '/'",
-                            code="invalid_field", field="author_id")
-    if not 1 <= len(event.kind) <= 64:
-        raise Unprocessable("kind must be 1-64 characters", code="invalid_field", field="kind")
-    if event.object_id is not None and not 1 <= len(event.object_id) <= 128:
-        raise Unprocessable("object_id must be 1-128 characters", code="invalid_field",
-                            field="object_id")
-    if event.audience is not None:
-        users = event.audience.users
-        if not users:
-            raise Unprocessable("audience.users must not be empty", code="invalid_field",
-                                field="audience.users")
-        if len(users) > MAX_AUDIENCE:
-            raise Unprocessable(f"audience.users holds at most {MAX_AUDIENCE} ids",
-                                code="audience_too_large", field="audience.users")
-        for i, user in enumerate(users):
-            if not valid_id(user):
-                raise Unprocessable("user ids are 1-64 characters without spaces or '/'",
-                                    code="invalid_field", field=f"audience.users[{i}]")
+    """Check what the Struct cannot state; returns created_at in epoch ms."""
     if len(msgspec.json.encode(event.payload)) > MAX_PAYLOAD_BYTES:
         raise Unprocessable(f"payload is larger than {MAX_PAYLOAD_BYTES} bytes encoded",
                             code="payload_too_large", field="payload")

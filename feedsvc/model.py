@@ -7,7 +7,7 @@ entries outlive deploys, so new fields always get defaults (msgspec's evolution 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -24,24 +24,78 @@ MAX_BULK_FOLLOWS = 10_000
 MAX_FUTURE_MS = 5 * 60 * 1000
 BACKFILL_EVENTS = 20
 FOLLOWER_PAGE = 1_000
-EVENT_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+
+
+def _whole(body: str) -> str:
+    """A pattern matching the whole string in Python (whose ``$`` also matches before a final
+    newline, and msgspec searches with ``re.search``) and in ECMA-262 alike."""
+    return f"^(?!.*\\n){body}$"
+
+
+EVENT_ID_PATTERN = _whole(r"[A-Za-z0-9._:-]{1,128}")
+
+# The one id rule (user and author ids, in bodies, paths and queries): 1-64 characters, not
+# starting with '.' (so never '.' or '..'), and none of: '/', whitespace, C0/C1 control
+# characters, DEL, zero-width characters and bidi controls (which make two different ids
+# look alike, or reorder the text around them). Written with \u escapes only, so the same
+# text is a Python and an ECMA-262 (OpenAPI) pattern.
+_ID_EXCLUDED = (
+    "/\\u0000-\\u0020\\u007f-\\u00a0\\u061c\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f"
+    "\\u205f-\\u206f\\u3000\\ufeff"
+)
+ID_PATTERN = _whole(f"[^.{_ID_EXCLUDED}][^{_ID_EXCLUDED}]{{0,63}}")
+ID_RULE = ("1-64 characters, not starting with '.', without '/', spaces, control, "
+           "zero-width or bidi characters")
+# Cursors are unpadded URL-safe base64 (the longest an inbox cursor can be is ~1.2 KiB).
+CURSOR_PATTERN = _whole(r"[A-Za-z0-9_-]{1,2048}")
+KIND_MAX = 64
+OBJECT_ID_MAX = 128
+# created_at as RFC 3339 date-time (section 5.6); ranges are checked by intake.
+RFC3339_PATTERN = _whole(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+EPOCH_MS_MAX = 2**53 - 1
+
+UserId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, min_length=1, max_length=64,
+                                     description=ID_RULE)]
+EventId = Annotated[str, msgspec.Meta(pattern=EVENT_ID_PATTERN, min_length=1, max_length=128)]
+Kind = Annotated[str, msgspec.Meta(min_length=1, max_length=KIND_MAX)]
+ObjectId = Annotated[str, msgspec.Meta(min_length=1, max_length=OBJECT_ID_MAX,
+                                       description="events sharing it collapse in inboxes")]
+CreatedAtText = Annotated[str, msgspec.Meta(pattern=RFC3339_PATTERN,
+                                            description="RFC 3339 date-time")]
+CreatedAtMs = Annotated[int, msgspec.Meta(ge=0, le=EPOCH_MS_MAX, description="epoch ms")]
+Payload = Annotated[dict[str, Any], msgspec.Meta(
+    description=f"any JSON object, at most {MAX_PAYLOAD_BYTES} bytes encoded")]
 
 
 class Audience(msgspec.Struct, forbid_unknown_fields=True):
-    users: list[str]
+    users: Annotated[list[UserId], msgspec.Meta(min_length=1, max_length=MAX_AUDIENCE)]
 
 
 class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     """The body of ``POST /v1/events`` exactly as a client sends it."""
 
-    event_id: str
-    author_id: str
-    kind: str
-    payload: dict[str, Any]
-    created_at: str | int | None = None
+    event_id: EventId
+    author_id: UserId
+    kind: Kind
+    payload: Payload
+    created_at: CreatedAtText | CreatedAtMs | None = None
     priority: Priority = "medium"
-    object_id: str | None = None
+    object_id: ObjectId | None = None
     audience: Audience | None = None
+
+
+class FollowIn(msgspec.Struct, forbid_unknown_fields=True):
+    user_id: UserId
+    author_id: UserId
+
+
+class BulkIn(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /v1/follows/bulk``."""
+
+    follows: Annotated[list[FollowIn], msgspec.Meta(max_length=MAX_BULK_FOLLOWS)]
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -156,3 +210,27 @@ class UserOut(msgspec.Struct):
     followers: int
     following: int
     celebrity: bool
+
+
+class Accepted(msgspec.Struct, omit_defaults=True):
+    event_id: str
+    status: Literal["accepted", "duplicate"]
+    route: Route | None = None
+
+
+class BulkOut(msgspec.Struct):
+    applied: int
+
+
+class StatusOut(msgspec.Struct):
+    status: Literal["ok", "ready"]
+
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorOut(msgspec.Struct):
+    error: ErrorBody

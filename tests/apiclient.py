@@ -16,6 +16,7 @@ class Api:
     def __init__(self, client: TestClient[Any, Any], rt: Runtime, prefix: str) -> None:
         self.client, self.rt, self.prefix = client, rt, prefix
         self.service = {"Authorization": f"Bearer {SERVICE_KEY}"}
+        self.json = {**self.service, "Content-Type": "application/json"}
         self._seq = 0
 
     def user(self, name: str) -> str:

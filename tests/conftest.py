@@ -18,6 +18,7 @@ from cassandra.cluster import Cluster, Session
 from redis.asyncio.cluster import RedisCluster
 
 from feedsvc.api.app import init_app
+from feedsvc.api.server import GuardedAppRunner, Limits
 from feedsvc.config import Settings
 from feedsvc.migrate import migrate
 from feedsvc.queue.embedded import EmbeddedQueue
@@ -181,12 +182,24 @@ async def runtime(make_runtime: MakeRuntime) -> Runtime:
 MakeClient = Callable[[Runtime], Awaitable[TestClient[Any, Any]]]
 
 
+class GuardedTestServer(TestServer):
+    """The test server on the production runner (timeouts, connection cap, JSON errors)."""
+
+    def __init__(self, app: Any, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.limits = limits
+
+    async def _make_runner(self, **kwargs: Any) -> GuardedAppRunner:
+        return GuardedAppRunner(self.app, self.limits, **kwargs)
+
+
 @pytest.fixture
 async def make_client() -> AsyncIterator[MakeClient]:
     clients: list[TestClient[Any, Any]] = []
 
     async def factory(rt: Runtime) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = TestClient(TestServer(init_app(rt)))
+        server = GuardedTestServer(init_app(rt), Limits.of(rt.settings))
+        client: TestClient[Any, Any] = TestClient(server)
         await client.start_server()
         clients.append(client)
         return client

@@ -70,7 +70,7 @@ BAD_BODIES: list[tuple[bytes, int, str]] = [
 async def test_bad_events_get_4xx_and_change_nothing(make_api: MakeApi) -> None:
     api = await make_api()
     for raw, status, code in BAD_BODIES:
-        response = await api.client.post("/v1/events", data=raw, headers=api.service)
+        response = await api.client.post("/v1/events", data=raw, headers=api.json)
         error = (await response.json())["error"]
         assert (response.status, error["code"]) == (status, code), raw[:80]
         assert error["message"] and "field" in error
@@ -82,7 +82,7 @@ async def test_oversized_body_is_413_without_reading_it(make_api: MakeApi) -> No
     api = await make_api()
     big = b'{"event_id": "big", "author_id": "a", "kind": "k", "payload": {"x": "' + \
         b"y" * (70 * 1024) + b'"}}'
-    response = await api.client.post("/v1/events", data=big, headers=api.service)
+    response = await api.client.post("/v1/events", data=big, headers=api.json)
     assert response.status == 413
     assert (await response.json())["error"]["code"] == "payload_too_large"
 
@@ -90,7 +90,7 @@ async def test_oversized_body_is_413_without_reading_it(make_api: MakeApi) -> No
         for _ in range(80):
             yield b"x" * 1024
 
-    response = await api.client.post("/v1/events", data=chunks(), headers=api.service)
+    response = await api.client.post("/v1/events", data=chunks(), headers=api.json)
     assert response.status == 413
     assert await api.rt.store.get_event("big") is None
 
@@ -131,7 +131,7 @@ async def test_idempotency(make_api: MakeApi) -> None:
     first = await api.client.post("/v1/events", json=payload, headers=api.service)
     assert first.status == 202 and (await first.json())["status"] == "accepted"
     reordered = json.dumps({k: payload[k] for k in reversed(list(payload))})
-    again = await api.client.post("/v1/events", data=reordered, headers=api.service)
+    again = await api.client.post("/v1/events", data=reordered, headers=api.json)
     assert again.status == 200
     assert await again.json() == {"event_id": payload["event_id"], "status": "duplicate"}
     changed = dict(payload, payload={"a": 1, "b": 3})
@@ -482,9 +482,9 @@ async def test_hostile_inputs_are_4xx_never_5xx(make_api: MakeApi) -> None:
         b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}"
     huge = b'{"event_id": "h", "author_id": "a", "kind": "k", "payload": {"x": 1e400}}'
     for raw in (nested, huge, b"[" * 5000 + b"]" * 5000, b'"\\ud800"', b"\xff\xfe"):
-        response = await c.post("/v1/events", data=raw, headers=api.service)
+        response = await c.post("/v1/events", data=raw, headers=api.json)
         assert response.status == 400, raw[:40]
-        response = await c.post("/v1/follows/bulk", data=raw, headers=api.service)
+        response = await c.post("/v1/follows/bulk", data=raw, headers=api.json)
         assert 400 <= response.status < 500
     from feedsvc.timeline import Cursor, encode_cursor
     hostile = [Cursor(2**62, "x"), Cursor(10**15, "x" * 500), Cursor(1, "x", (2**64 - 1,) * 101)]

@@ -2,24 +2,31 @@
 
 One middleware authenticates by the route's declared access and maps the error tree of
 ``feedsvc.errors`` to ``{"error": {"code", "message", "field"}}`` responses; nothing a client
-sends can produce a 500. Handlers live in ``feedsvc.api.routes``.
+sends can produce a 500. It ends with a catch-all: an unexpected exception is logged once,
+with a traceback, under an error id that the 500 answer carries (``Error-Id`` header and
+message). A client that goes away mid-request is one INFO line. Handlers live in
+``feedsvc.api.routes``; the listening socket and its connection limits in
+``feedsvc.api.server``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 import msgspec
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from feedsvc.auth import Principal, authenticate
 from feedsvc.config import Settings
-from feedsvc.errors import ClientError, FeedError, PermanentError, RetryableError
-from feedsvc.model import MAX_BULK_BODY_BYTES
+from feedsvc.errors import ClientError, FeedError, RetryableError
+from feedsvc.model import MAX_BULK_BODY_BYTES, ErrorBody, ErrorOut
+from feedsvc.ratelimit import Buckets, LocalBuckets, RedisBuckets
 from feedsvc.runtime import Runtime, freeze_startup_heap, open_runtime
 from feedsvc.workers import run_workers
 
@@ -31,16 +38,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RUNTIME = web.AppKey("runtime", Runtime)
 ACCESS = web.AppKey("access", dict)
 PRINCIPAL = web.RequestKey("principal", Principal)
-
-
-class ErrorBody(msgspec.Struct):
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorOut(msgspec.Struct):
-    error: ErrorBody
+BUCKETS = web.AppKey("buckets", Buckets)  # set only when a rate limit is configured
 
 
 def json_response(body: object, status: int = 200) -> web.Response:
@@ -56,7 +54,19 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return response
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+               408: "request_timeout", 413: "payload_too_large", 431: "headers_too_large"}
+_KEPT_HEADERS = ("Allow",)  # of aiohttp's own answers; its text/plain Content-Type is not
+
+
+def internal_error(exc: BaseException, what: str) -> web.Response:
+    """Log an unexpected exception once, with its traceback, and answer a JSON 500 naming
+    the id it was logged under."""
+    error_id = uuid.uuid4().hex[:16]
+    log.error("internal error %s in %s", error_id, what, exc_info=exc)
+    return error_response(500, "internal_error",
+                          f"the request could not be completed (error id {error_id})",
+                          headers={"Error-Id": error_id})
 
 
 @web.middleware
@@ -68,10 +78,14 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         if access != "none":
             rt = request.app[RUNTIME]
             principal = authenticate(request.headers.get("Authorization"),
-                                     rt.settings.service_keys, rt.settings.jwt_secret)
+                                     rt.settings.service_keys, rt.settings.jwt_secret,
+                                     rt.settings.jwt_max_ttl)
             if access == "service" and not principal.service:
                 return error_response(403, "forbidden", "this route needs a service key")
             request[PRINCIPAL] = principal
+            limited = await _rate_limited(request, principal, handler)
+            if limited is not None:
+                return limited
         return await handler(request)
     except ClientError as exc:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -80,16 +94,45 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason, headers=dict(exc.headers))
+        kept = {k: v for k, v in exc.headers.items() if k in _KEPT_HEADERS}
+        return error_response(exc.status, code, exc.reason, headers=kept)
     except RetryableError as exc:
         log.warning("dependency unavailable: %s", exc)
         return error_response(503, "unavailable", "a dependency is unavailable; retry",
                               headers={"Retry-After": "1"})
-    except msgspec.MsgspecError as exc:  # a decoding path that missed its own mapping
-        return error_response(400, "invalid_request", f"request could not be decoded: {exc}")
-    except PermanentError:
-        log.exception("request failed permanently")
-        return error_response(500, "internal_error", "the request could not be completed")
+    except http_exceptions.HttpProcessingError as exc:  # a malformed body (bad chunking, ...)
+        log.info("malformed request body from %s: %s", request.remote, exc.message)
+        return error_response(400, "invalid_request", "the request body is malformed")
+    except ConnectionError as exc:  # the client went away mid-request: nobody to answer
+        log.info("client %s went away during %s %s: %s", request.remote, request.method,
+                 request.path, exc)
+        return error_response(400, "client_gone", "the connection was lost")
+    except Exception as exc:
+        return internal_error(exc, f"{request.method} {request.path}")
+
+
+async def _rate_limited(request: web.Request, principal: Principal,
+                        handler: Handler) -> web.StreamResponse | None:
+    """Take a token from the caller's bucket: None when no limit applies, else the answer
+    (429 before the handler runs, or the handler's answer with the RateLimit-* headers)."""
+    settings = request.app[RUNTIME].settings
+    rate = settings.rate_limit_service if principal.service else settings.rate_limit_user
+    buckets = request.app.get(BUCKETS)
+    if rate is None or buckets is None:
+        return None
+    if principal.service:
+        credential = request.headers.get("Authorization", "").encode()
+        key = "service:" + hashlib.sha256(credential).hexdigest()[:24]
+    else:
+        key = f"user:{principal.user_id}"
+    decision = await buckets.take(key, rate)
+    if not decision.allowed:
+        return error_response(429, "rate_limited",
+                              f"too many requests; retry after {decision.retry_after_s}s",
+                              headers=decision.headers(rate))
+    response = await handler(request)
+    response.headers.update(decision.headers(rate))
+    return response
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -109,7 +152,23 @@ def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
         app[ACCESS].setdefault(path, {})[method] = access
     if workers > 0:
         app.cleanup_ctx.append(_workers_ctx(rt, workers))
+    if rt.settings.rate_limit_service or rt.settings.rate_limit_user:
+        app.cleanup_ctx.append(_buckets_ctx(rt.settings))
     return app
+
+
+def _buckets_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        buckets: Buckets
+        if settings.redis_url and not settings.embedded:
+            buckets = RedisBuckets.open(settings.redis_url, settings.queue_prefix)
+        else:
+            buckets = LocalBuckets()
+        app[BUCKETS] = buckets
+        yield
+        await buckets.close()
+
+    return ctx
 
 
 def _workers_ctx(
@@ -143,9 +202,11 @@ async def serve(settings: Settings, *, workers: int) -> None:
     """Run the API (and optionally in-process workers) until cancelled. If the in-process
     workers end on their own (they never should), the process ends with an error rather
     than go on accepting events nobody fans out."""
+    from feedsvc.api.server import GuardedAppRunner, Limits
+
     async with open_runtime(settings) as rt:
         app = init_app(rt, workers=workers)
-        runner = web.AppRunner(app, access_log=None)
+        runner = GuardedAppRunner(app, Limits.of(settings), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()

@@ -30,9 +30,9 @@ from feedsvc.delivery.recipients import (
     preferences_from,
 )
 from feedsvc.errors import Forbidden, InvalidRequest, Unprocessable
-from feedsvc.model import MAX_BODY_BYTES
+from feedsvc.model import ID_RULE, MAX_BODY_BYTES
 
-T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 def own_user(request: web.Request, name: str = "user_id") -> str:
@@ -40,36 +40,36 @@ def own_user(request: web.Request, name: str = "user_id") -> str:
     user's own token)."""
     user_id = request.match_info[name]
     if not intake.valid_id(user_id):
-        raise InvalidRequest(f"{name} must be 1-64 characters without spaces or '/'",
-                             code="invalid_path", field=name)
+        raise InvalidRequest(f"{name} must be {ID_RULE}", code="invalid_path", field=name)
     principal = principal_of(request)
     if not principal.service and principal.user_id != user_id:
         raise Forbidden("a user token can only manage its own user's data")
     return user_id
 
 
-async def read_json(request: web.Request, into: type[T]) -> T:
-    """The request body as ``into``; a shape error is a 422 naming the field."""
+async def read_json(request: web.Request, into: type[S]) -> S:
+    """The request body as ``into``: 415/413/408 as for every JSON route, 400 for malformed
+    JSON, a 422 naming the field for a shape error."""
     from feedsvc.api.routes import read_body
 
-    raw = await read_body(request, MAX_BODY_BYTES)
-    try:
-        value: T = intake.decode_json(raw, into)
-    except msgspec.ValidationError as exc:
-        raise Unprocessable(str(exc), code="invalid_field",
-                            field=intake.error_field(str(exc))) from exc
-    return value
+    body, _ = intake.decode_body(await read_body(request, MAX_BODY_BYTES), into)
+    return body
 
 
 # --- devices ---------------------------------------------------------------------------------
 
 
-async def put_device(request: web.Request) -> web.Response:
-    user_id = own_user(request)
+def _device_id(request: web.Request) -> str:
     device_id = request.match_info["device_id"]
     if not intake.valid_id(device_id):
-        raise InvalidRequest("device_id must be 1-64 characters without spaces or '/'",
-                             code="invalid_path", field="device_id")
+        raise InvalidRequest(f"device_id must be {ID_RULE}", code="invalid_path",
+                             field="device_id")
+    return device_id
+
+
+async def put_device(request: web.Request) -> web.Response:
+    user_id = own_user(request)
+    device_id = _device_id(request)
     device = device_from(device_id, await read_json(request, DeviceIn))
     if not await request.app[RUNTIME].recipients.put_device(user_id, device):
         raise Unprocessable(f"a user has at most {MAX_DEVICES} devices",
@@ -79,9 +79,7 @@ async def put_device(request: web.Request) -> web.Response:
 
 async def delete_device(request: web.Request) -> web.Response:
     user_id = own_user(request)
-    device_id = request.match_info["device_id"]
-    if intake.valid_id(device_id):  # an id that cannot exist is already gone
-        await request.app[RUNTIME].recipients.delete_device(user_id, device_id)
+    await request.app[RUNTIME].recipients.delete_device(user_id, _device_id(request))
     return web.Response(status=204)
 
 
@@ -136,38 +134,37 @@ ROUTES: list[tuple[str, str, Handler, Access]] = [
 ]
 
 
-def openapi_paths(op: Any, param: Any, errors: dict[str, Any]) -> dict[str, Any]:
+def openapi_paths(op: Any, param: Any, id_schema: dict[str, Any]) -> dict[str, Any]:
     """These routes' part of the OpenAPI document (``op``/``param`` build operations and
-    parameters the way ``feedsvc.api.openapi`` does)."""
-    user = param("user_id", "path", {"type": "string", "minLength": 1, "maxLength": 64})
-    device = param("device_id", "path", {"type": "string", "minLength": 1, "maxLength": 64})
+    parameters the way ``feedsvc.api.openapi`` does, with every error status)."""
+    user, device = param("user_id", "path", id_schema), param("device_id", "path", id_schema)
     any_caller: list[dict[str, list[str]]] = [{"serviceKey": []}, {"userToken": []}]
 
     def ok(schema: str) -> dict[str, Any]:
         return {"200": {"description": "OK", "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{schema}"}}}}, **errors}
+            "schema": {"$ref": f"#/components/schemas/{schema}"}}}}}
 
     return {
         _DEVICE: {
-            "put": op("register or re-register a device", any_caller, ok("DeviceOut"),
+            "put": op("Register or re-register a device", any_caller, ok("DeviceOut"),
                       [user, device], "DeviceIn"),
-            "delete": op("remove a device (idempotent)", any_caller,
-                         {"204": {"description": "removed"}, **errors}, [user, device]),
+            "delete": op("Remove a device (idempotent)", any_caller,
+                         {"204": {"description": "removed"}}, [user, device]),
         },
         "/v1/users/{user_id}/devices": {
-            "get": op("a user's devices (tokens are never returned)", any_caller,
+            "get": op("A user's devices (tokens are never returned)", any_caller,
                       ok("DeviceList"), [user]),
         },
         "/v1/users/{user_id}/contacts": {
-            "put": op("set email and phone", any_caller, ok("Contacts"), [user],
+            "put": op("Set email and phone", any_caller, ok("Contacts"), [user],
                       "ContactsIn"),
-            "get": op("email and phone, and whether each still receives", any_caller,
+            "get": op("Email and phone, and whether each still receives", any_caller,
                       ok("Contacts"), [user]),
         },
         "/v1/users/{user_id}/preferences": {
-            "put": op("set notification preferences (defaults fill what is left out)",
+            "put": op("Set notification preferences (defaults fill what is left out)",
                       any_caller, ok("Preferences"), [user], "PreferencesIn"),
-            "get": op("notification preferences", any_caller, ok("Preferences"), [user]),
+            "get": op("Notification preferences", any_caller, ok("Preferences"), [user]),
         },
     }
 

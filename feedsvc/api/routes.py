@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 from datetime import UTC, datetime
 
 import msgspec
@@ -17,11 +18,22 @@ from aiohttp import web
 from feedsvc import graph, intake, timeline
 from feedsvc.api.app import RUNTIME, Access, Handler, error_response, json_response, principal_of
 from feedsvc.api.openapi import spec
-from feedsvc.errors import Forbidden, InvalidRequest, PayloadTooLarge, RetryableError, Unprocessable
+from feedsvc.errors import (
+    Forbidden,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    RetryableError,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 from feedsvc.model import (
+    CURSOR_PATTERN,
+    ID_RULE,
     MAX_BODY_BYTES,
     MAX_BULK_BODY_BYTES,
-    MAX_BULK_FOLLOWS,
+    BulkIn,
+    BulkOut,
     IdPageOut,
     InboxEntryOut,
     InboxItem,
@@ -36,11 +48,15 @@ def rfc3339(ms: int) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
 
 
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def _limit(request: web.Request, default: int, maximum: int) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
+    # Length first: int() of a long digit string is slow, and past 4,300 digits it raises.
+    if not (len(raw) <= 6 and raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         raise InvalidRequest(f"limit must be an integer from 1 to {maximum}",
                              code="invalid_query", field="limit")
     return int(raw)
@@ -49,23 +65,35 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
 def _path_id(request: web.Request, name: str) -> str:
     value = request.match_info[name]
     if not intake.valid_id(value):
-        raise InvalidRequest(f"{name} must be 1-64 characters without spaces or '/'",
-                             code="invalid_path", field=name)
+        raise InvalidRequest(f"{name} must be {ID_RULE}", code="invalid_path", field=name)
     return value
 
 
+def _cursor(request: web.Request) -> str | None:
+    """The ``cursor`` query parameter, checked against the documented pattern."""
+    raw = request.query.get("cursor")
+    if raw is None:
+        return None
+    if not _CURSOR.search(raw):
+        raise InvalidRequest("cursor is not one this API returned", code="invalid_cursor",
+                             field="cursor")
+    return raw
+
+
 def _opaque(text: str | None) -> str | None:
-    """Encode a store continuation as a URL-safe cursor."""
-    return base64.urlsafe_b64encode(text.encode()).decode() if text is not None else None
+    """Encode a store continuation as a URL-safe cursor (unpadded base64)."""
+    if text is None:
+        return None
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def _unopaque(request: web.Request) -> str | None:
-    raw = request.query.get("cursor")
-    if not raw:
+    raw = _cursor(request)
+    if raw is None:
         return None
     try:
-        return base64.urlsafe_b64decode(raw.encode()).decode()
-    except (binascii.Error, ValueError) as exc:
+        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+    except (binascii.Error, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise InvalidRequest("cursor is not one this API returned", code="invalid_cursor",
                              field="cursor") from exc
 
@@ -74,17 +102,25 @@ def _unopaque(request: web.Request) -> str | None:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (by its
-    Content-Length, or while reading a chunked body) without reading the rest."""
+    """The JSON request body: 415 unless it is sent as ``application/json``; 413 as soon as
+    it exceeds ``limit`` bytes (by its Content-Length, or while reading a chunked body)
+    without reading the rest; 408 when it has not all arrived within FEEDSVC_BODY_TIMEOUT."""
+    if request.content_type != "application/json":  # parameters (charset=...) are allowed
+        raise UnsupportedMediaType("send the body as Content-Type: application/json",
+                                   field="Content-Type")
     too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     chunks, size = [], 0
-    while chunk := await request.content.read(65_536):
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(request.app[RUNTIME].settings.body_timeout):
+            while chunk := await request.content.read(65_536):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time") from None
     return b"".join(chunks)
 
 
@@ -98,7 +134,7 @@ async def author_events(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     author_id = _path_id(request, "user_id")
     limit = _limit(request, 50, 200)
-    cursor = request.query.get("cursor")
+    cursor = _cursor(request)
     before = timeline.decode_cursor(cursor).position if cursor else None
     since = rt.now_ms() - rt.settings.retention_ms
     items = await rt.store.author_events(author_id, before, limit + 1, since)
@@ -126,21 +162,21 @@ async def get_inbox(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     principal = principal_of(request)
     named = request.query.get("user_id")
+    if named is not None and not intake.valid_id(named):
+        raise InvalidRequest(f"user_id must be {ID_RULE}", code="invalid_query",
+                             field="user_id")
     if principal.service:
-        if not named:
+        if named is None:
             raise Unprocessable("a service key must name user_id", code="missing_field",
                                 field="user_id")
         user_id = named
     else:
         assert principal.user_id is not None
-        if named and named != principal.user_id:
+        if named is not None and named != principal.user_id:
             raise Forbidden("a user token can only read its own inbox")
         user_id = principal.user_id
-    if not intake.valid_id(user_id):
-        raise InvalidRequest("user_id must be 1-64 characters without spaces or '/'",
-                             code="invalid_query", field="user_id")
     limit = _limit(request, 50, 200)
-    raw_cursor = request.query.get("cursor")
+    raw_cursor = _cursor(request)
     cursor = timeline.decode_cursor(raw_cursor) if raw_cursor else None
     page = await timeline.read_inbox(rt, user_id, limit, cursor)
     return json_response(PageOut([_entry(i, via) for i, via in page.items], page.next_cursor))
@@ -161,34 +197,11 @@ async def delete_following(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-class FollowIn(msgspec.Struct, forbid_unknown_fields=True):
-    user_id: str
-    author_id: str
-
-
-class BulkIn(msgspec.Struct, forbid_unknown_fields=True):
-    follows: list[FollowIn]
-
-
-class BulkOut(msgspec.Struct):
-    applied: int
-
-
 async def post_bulk(request: web.Request) -> web.Response:
     raw = await read_body(request, MAX_BULK_BODY_BYTES)
-    try:
-        body: BulkIn = intake.decode_json(raw, BulkIn)
-    except msgspec.ValidationError as exc:
-        raise Unprocessable(str(exc), code="invalid_field", field="follows") from exc
-    if len(body.follows) > MAX_BULK_FOLLOWS:
-        raise Unprocessable(f"at most {MAX_BULK_FOLLOWS} follows per request",
-                            code="too_many", field="follows")
+    body, _ = intake.decode_body(raw, BulkIn)
     pairs = []
     for i, f in enumerate(body.follows):
-        for name, value in (("user_id", f.user_id), ("author_id", f.author_id)):
-            if not intake.valid_id(value):
-                raise Unprocessable("ids are 1-64 characters without spaces or '/'",
-                                    code="invalid_field", field=f"follows[{i}].{name}")
         if f.user_id == f.author_id:
             raise Unprocessable("a user cannot follow themselves", code="self_follow",
                                 field=f"follows[{i}]")

@@ -45,6 +45,7 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement, tuple_
 
 from feedsvc.clock import now_ms
 from feedsvc.errors import ConfigError, PermanentError, RetryableError
+from feedsvc.errors import InvalidRequest as InvalidInput
 from feedsvc.model import MAX_FUTURE_MS, Event, InboxItem, Mode, Position
 from feedsvc.store.base import OutboxRow, outbox_bucket, outbox_ttl
 
@@ -616,7 +617,11 @@ class CassandraStore:
         shard, last = 0, ""
         if after:
             shard_text, _, last = after.partition(":")
-            shard = int(shard_text) if shard_text.isdigit() else FOLLOWER_SHARDS
+            # isdigit() is true for '²' and other non-ASCII digits that int() refuses
+            if not (shard_text.isascii() and shard_text.isdigit() and len(shard_text) <= 3):
+                raise InvalidInput("cursor is not one this API returned",
+                                   code="invalid_cursor", field="cursor")
+            shard = int(shard_text)
         out: list[str] = []
         while shard < FOLLOWER_SHARDS and len(out) < limit:
             want = limit - len(out)
