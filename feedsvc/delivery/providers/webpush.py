@@ -50,11 +50,15 @@ def load_vapid(private_key: str, subject: str) -> Vapid02:
         raw = b64url_decode(private_key)
         if len(raw) != 32:
             raise ValueError(f"{len(raw)} bytes, not 32")
-        return Vapid02.from_raw(private_key.encode())
+        vapid = Vapid02.from_raw(private_key.encode())
     except ValueError as exc:
         raise ConfigError(
             f"FEEDSVC_VAPID_PRIVATE_KEY is not a raw P-256 private key in base64url: {exc}"
         ) from exc
+    # The subject is checked above; py_vapid's own check refuses https: URIs with a path,
+    # which RFC 8292 allows.
+    vapid.conf = {"no-strict": True}
+    return vapid
 
 
 def encrypt(payload: bytes, p256dh: str, auth: str) -> bytes:
