@@ -527,3 +527,13 @@ def test_retry_after_forms() -> None:
     assert http.parse_retry_after("Wed, 02 Dec 2026 10:00:30 GMT",
                                   now=1796205600.0) == 30.0
     assert http.parse_retry_after("99999") == http.MAX_RETRY_AFTER
+
+
+async def test_fcm_ceiling_helper_sends_accepted_requests(fcm: FakeFcm, tmp_path: Path) -> None:
+    from loadtest.fake_ceiling import fetch_access_token, measure_fcm_ceiling
+
+    token = await fetch_access_token(fcm.write_credentials(tmp_path / "sa.json"))
+    ceiling = await measure_fcm_ceiling(fcm.url, fcm.project, token, requests=60,
+                                        concurrency=8)
+    assert ceiling.errors == 0 and ceiling.per_second > 0
+    assert len(fcm.ledger.accepted) == 60 and fcm.ledger.repeat_count == 0

@@ -58,7 +58,7 @@ class FakeApns:
         return path
 
     @asynccontextmanager
-    async def running(self, host: str = "127.0.0.1") -> AsyncIterator[FakeApns]:
+    async def running(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[FakeApns]:
         tasks: set[asyncio.Task[None]] = set()
 
         async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -71,7 +71,7 @@ class FakeApns:
                 tasks.discard(task)
                 writer.close()
 
-        server = await asyncio.start_server(connected, host, 0)
+        server = await asyncio.start_server(connected, host, port)
         self.url = f"http://{host}:{server.sockets[0].getsockname()[1]}"
         try:
             yield self
@@ -160,6 +160,8 @@ class FakeApns:
 
     async def _answer(self, headers: dict[str, str], body: bytes) -> Answer:
         path = headers.get(":path", "")
+        if headers.get(":method") == "GET" and path.startswith("/_fake/stats"):
+            return 200, {}, self.ledger.stats(keys=path.endswith("keys=1"))
         if headers.get(":method") != "POST" or not path.startswith("/3/device/"):
             return 405 if headers.get(":method") != "POST" else 404, {}, {"reason": "BadPath"}
         token = path.removeprefix("/3/device/")

@@ -96,6 +96,19 @@ class Ledger:
     def repeat_count(self) -> int:
         return sum(self.repeats.values())
 
+    def stats(self, *, keys: bool = False) -> dict[str, Any]:
+        """Counts (and with ``keys`` the accepted keys and repeats) as plain JSON data."""
+        with self._lock:
+            out: dict[str, Any] = {
+                "requests": self.requests, "accepted": len(self.accepted),
+                "repeats": sum(self.repeats.values()), "missing_key": self.missing_key,
+                "failures": {str(k): v for k, v in self.failures.items()},
+            }
+            if keys:
+                out["accepted_keys"] = list(self.accepted)
+                out["repeated_keys"] = dict(self.repeats)
+            return out
+
 
 async def pause(behaviour: Behaviour, decision: Decision) -> None:
     """The configured latency, or the whole hang for a request chosen to time out."""

@@ -22,9 +22,14 @@ class HttpFake:
     def routes(self, app: web.Application) -> None:
         raise NotImplementedError
 
+    async def stats(self, request: web.Request) -> web.Response:
+        """``GET /_fake/stats[?keys=1]``: the ledger, for a fake in another process."""
+        return web.json_response(self.ledger.stats(keys=request.query.get("keys") == "1"))
+
     @asynccontextmanager
     async def running(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Self]:
-        app = web.Application()
+        app = web.Application(client_max_size=1024 * 1024)
+        app.router.add_get("/_fake/stats", self.stats)
         self.routes(app)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()

@@ -1,0 +1,135 @@
+"""The fake FCM's own ceiling: how many sends per second it accepts from a bare client.
+
+The delivery benchmark divides feedsvc's end-to-end deliveries per second by this number,
+measured in the same run against the same fake: a bare ``httpx`` client (the library the FCM
+adapter uses, HTTP/1.1 keep-alive, one pooled client) sending the same ``messages:send``
+requests (same body shape, a bearer token fetched once, a distinct ``Idempotency-Key`` per
+request) with the same number in flight, and nothing else — no queue, no claims, no log.
+
+* ``measure_fcm_ceiling(url, project, token, requests=, concurrency=)`` measures a running
+  fake (``fetch_access_token`` gets the token from its ``token_uri``).
+* ``run_fake_fcm(credentials)`` starts ``python -m tests.fakes.serve fcm`` as its own process
+  (so the fake and the client do not share an event loop) and yields its URL.
+* ``python -m loadtest.fake_ceiling [--requests N] [--concurrency C]`` does both and prints
+  one JSON document. Loopback only, bounded in requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from feedsvc.delivery.providers.fcm import AccessTokens, ServiceAccount
+
+LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    requests: int
+    concurrency: int
+    seconds: float
+    per_second: float
+    errors: int  # non-200 answers and transport errors (a healthy fake gives 0)
+
+
+async def fetch_access_token(credentials: Path) -> str:
+    """One access token from the service account's token_uri (outside any timing)."""
+    async with httpx.AsyncClient() as client:
+        return await AccessTokens(ServiceAccount.from_file(credentials), client).get()
+
+
+async def measure_fcm_ceiling(url: str, project: str, token: str, *, requests: int = 5000,
+                              concurrency: int = 64) -> Ceiling:
+    """Send ``requests`` messages with ``concurrency`` in flight; sends per second."""
+    endpoint = f"{url.rstrip('/')}/v1/projects/{project}/messages:send"
+    run = uuid.uuid4().hex[:8]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    errors = 0
+    next_index = 0
+
+    async def sender(client: httpx.AsyncClient) -> None:
+        nonlocal errors, next_index
+        while next_index < requests:
+            i = next_index
+            next_index += 1
+            body = {"message": {"token": f"ceiling-{i % 3000}",
+                                "notification": {"title": "Ceiling", "body": f"message {i}"},
+                                "data": {"notification_id": f"ceiling:{i}", "event_id": run}}}
+            headers = {"Authorization": f"Bearer {token}",
+                       "Idempotency-Key": f"ceiling:{run}:{i}:push:d"}
+            try:
+                response = await client.post(endpoint, json=body, headers=headers)
+                errors += response.status_code != 200
+            except httpx.HTTPError:
+                errors += 1
+
+    async with httpx.AsyncClient(limits=limits, timeout=30.0, trust_env=False) as client:
+        # Warm the pool so connection set-up is not charged to the fake.
+        await asyncio.gather(*(client.get(f"{url.rstrip('/')}/_fake/stats")
+                               for _ in range(concurrency)))
+        started = time.perf_counter()
+        await asyncio.gather(*(sender(client) for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return Ceiling(requests, concurrency, round(seconds, 3), round(requests / seconds, 1),
+                   errors)
+
+
+@contextmanager
+def run_fake_fcm(credentials: Path, *, extra: Sequence[str] = ()) -> Iterator[str]:
+    """Start the fake FCM in its own process; yields its URL; stops it after."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.serve", "fcm", "--credentials", str(credentials),
+         *extra], stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        deadline = time.monotonic() + 30
+        url = None
+        while url is None and time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if not line and process.poll() is not None:
+                break
+            match = LISTENING.search(line)
+            url = match.group(1) if match else None
+        if url is None:
+            raise RuntimeError("the fake FCM did not start")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.fake_ceiling")
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        credentials = Path(tmp) / "fcm.json"
+        with run_fake_fcm(credentials) as url:
+            project = json.loads(credentials.read_text())["project_id"]
+            token = asyncio.run(fetch_access_token(credentials))
+            ceiling = asyncio.run(measure_fcm_ceiling(
+                url, project, token, requests=args.requests, concurrency=args.concurrency))
+    print(json.dumps(asdict(ceiling), indent=2))
+
+
+if __name__ == "__main__":
+    main()
