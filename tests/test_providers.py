@@ -420,7 +420,8 @@ def email_provider(fake: FakeSmtp, url: str = "") -> EmailProvider:
 async def test_email_is_sent_with_a_message_id_from_the_key(smtp: FakeSmtp) -> None:
     provider = email_provider(smtp)
     receipt = await provider.send(outgoing("e1:u1:email:email", kind="email",
-                                           address="parent@example.org"))
+                                           address="parent@example.org",
+                                           title="School\nclosed"))
     got = smtp.ledger.accepted["e1:u1:email:email"]
     assert got["to"] == ["parent@example.org"] and got["subject"] == "School closed"
     assert got["body"].strip() == "No school tomorrow"
@@ -441,6 +442,9 @@ async def test_email_failures(smtp: FakeSmtp) -> None:
     with pytest.raises(ProviderUnavailable) as later:
         await provider.send(outgoing("k2", kind="email", address="a@example.org"))
     assert later.value.status == 451
+    with pytest.raises(DeadTarget) as malformed:
+        await provider.send(outgoing("k4", kind="email", address="a@example.org\nBcc: x@y.z"))
+    assert malformed.value.reason == "invalid_address"
     closed = email_provider(smtp, f"smtp://127.0.0.1:{free_port()}")
     with pytest.raises(ProviderUnavailable):
         await closed.send(outgoing("k3", kind="email", address="a@example.org"))

@@ -58,7 +58,7 @@ def compose(message: Outgoing, sender: str) -> EmailMessage:
     mail = EmailMessage()
     mail["From"] = sender
     mail["To"] = message.address
-    mail["Subject"] = message.title
+    mail["Subject"] = " ".join(message.title.split())  # a header is one line
     mail["Date"] = formatdate(localtime=False, usegmt=True)
     mail["Message-ID"] = message_id(message.key, sender)
     mail["Auto-Submitted"] = "auto-generated"
@@ -78,7 +78,10 @@ class EmailProvider:
         self.timeout = timeout
 
     async def send(self, message: Outgoing) -> Receipt:
-        mail = compose(message, self.sender)
+        try:
+            mail = compose(message, self.sender)
+        except ValueError as exc:  # an address no header can carry
+            raise DeadTarget(self.name, "invalid_address", str(exc)) from exc
         server = self.server
         try:
             await aiosmtplib.send(

@@ -32,7 +32,7 @@ def open_client(timeout: float, *, http2_only: bool = False) -> httpx.AsyncClien
                           max_keepalive_connections=MAX_CONNECTIONS)
     return httpx.AsyncClient(
         http1=not http2_only, http2=True, timeout=httpx.Timeout(timeout), limits=limits,
-        follow_redirects=False, trust_env=False,
+        follow_redirects=False,  # trust_env stays on: HTTPS_PROXY / NO_PROXY are honoured
     )
 
 

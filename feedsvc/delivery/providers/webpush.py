@@ -98,6 +98,8 @@ class WebPushProvider:
     async def send(self, message: Outgoing) -> Receipt:
         if message.webpush is None:
             raise ProviderRejected(self.name, "subscription keys missing")
+        if urlsplit(message.address).scheme not in ("https", "http"):
+            raise DeadTarget(self.name, "invalid_subscription", "endpoint is not an http(s) URL")
         plain = json.dumps({"title": message.title, "body": message.body,
                             "data": message.data}, separators=(",", ":")).encode()
         try:
