@@ -90,22 +90,23 @@ async def measure_fcm_ceiling(url: str, project: str, token: str, *, requests: i
 
 @contextmanager
 def run_fake_fcm(credentials: Path, *, extra: Sequence[str] = ()) -> Iterator[str]:
-    """Start the fake FCM in its own process; yields its URL; stops it after."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.serve", "fcm", "--credentials", str(credentials),
-         *extra], stderr=subprocess.PIPE, text=True)
+    """Start the fake FCM in its own process; yields its URL; stops it after. Its stderr
+    goes to a file beside the credentials (a pipe nobody reads could fill and stall it)."""
+    log_path = credentials.with_suffix(".log")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.fakes.serve", "fcm", "--credentials",
+             str(credentials), *extra], stderr=log, stdout=subprocess.DEVNULL)
     try:
-        assert process.stderr is not None
         deadline = time.monotonic() + 30
         url = None
-        while url is None and time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if not line and process.poll() is not None:
-                break
-            match = LISTENING.search(line)
+        while url is None and time.monotonic() < deadline and process.poll() is None:
+            match = LISTENING.search(log_path.read_text())
             url = match.group(1) if match else None
+            if url is None:
+                time.sleep(0.05)
         if url is None:
-            raise RuntimeError("the fake FCM did not start")
+            raise RuntimeError(f"the fake FCM did not start: {log_path.read_text()[-2000:]}")
         yield url
     finally:
         process.terminate()

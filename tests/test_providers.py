@@ -33,7 +33,7 @@ from tests.fakes import apns as fake_apns
 from tests.fakes import twilio as fake_twilio
 from tests.fakes.apns import FakeApns
 from tests.fakes.fcm import FakeFcm
-from tests.fakes.ledger import free_port
+from tests.fakes.ledger import Behaviour, free_port
 from tests.fakes.smtp import FakeSmtp
 from tests.fakes.twilio import FakeTwilio
 from tests.fakes.webpush import FakeWebPush, new_vapid_key
@@ -541,3 +541,46 @@ async def test_fcm_ceiling_helper_sends_accepted_requests(fcm: FakeFcm, tmp_path
                                         concurrency=8)
     assert ceiling.errors == 0 and ceiling.per_second > 0
     assert len(fcm.ledger.accepted) == 60 and fcm.ledger.repeat_count == 0
+
+
+async def test_fcm_under_failures_every_delivery_lands_once(fcm: FakeFcm, tmp_path: Path) -> None:
+    """20% 503/429 and 4% hangs: retrying what is transient lands every key; a key is
+    repeated only after a client-side timeout (the fake may have accepted it meanwhile)."""
+    fcm.behaviour = Behaviour(error_rate=0.2, timeout_rate=0.04, hang=1.5, seed=7,
+                              retry_after=1)
+    fast = http.open_client(0.5)
+    provider = fcm_provider(fcm, fast, tmp_path)
+    transient = timeouts = 0
+    limit = asyncio.Semaphore(20)
+
+    async def deliver(i: int) -> None:
+        nonlocal transient, timeouts
+        async with limit:
+            for _ in range(30):
+                try:
+                    await provider.send(outgoing(f"e9:u{i}:push:d1", address=f"t{i}"))
+                    return
+                except ProviderUnavailable as exc:
+                    transient += 1
+                    timeouts += exc.status is None
+                    assert exc.status in (429, 503, None)
+            raise AssertionError(f"delivery {i} never landed")
+
+    try:
+        await asyncio.gather(*(deliver(i) for i in range(100)))
+    finally:
+        await fast.aclose()
+    assert sorted(fcm.ledger.accepted) == sorted(f"e9:u{i}:push:d1" for i in range(100))
+    assert fcm.ledger.repeat_count <= timeouts
+    assert transient >= sum(fcm.ledger.failures.values()) > 0
+
+
+def test_fake_runs_as_its_own_process(tmp_path: Path) -> None:
+    from loadtest.fake_ceiling import run_fake_fcm
+
+    credentials = tmp_path / "sa.json"
+    with run_fake_fcm(credentials, extra=["--error-rate", "0.5"]) as url:
+        stats = httpx.get(f"{url}/_fake/stats", trust_env=False).json()
+        assert stats == {"requests": 0, "accepted": 0, "repeats": 0, "missing_key": 0,
+                         "failures": {}}
+        assert ServiceAccount.from_file(credentials).token_uri == f"{url}/token"
