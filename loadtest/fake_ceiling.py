@@ -1,8 +1,8 @@
 """The fake FCM's own ceiling: how many sends per second it accepts from a bare client.
 
 The delivery benchmark divides feedsvc's end-to-end deliveries per second by this number,
-measured in the same run against the same fake: a bare ``httpx`` client (the library the FCM
-adapter uses, HTTP/1.1 keep-alive, one pooled client) sending the same ``messages:send``
+measured in the same run against the same fake: a bare ``aiohttp`` client (the library the
+FCM adapter uses, HTTP/1.1 keep-alive, one pooled session) sending the same ``messages:send``
 requests (same body shape, a bearer token fetched once, a distinct ``Idempotency-Key`` per
 request) with the same number in flight, and nothing else — no queue, no claims, no log.
 
@@ -10,7 +10,8 @@ request) with the same number in flight, and nothing else — no queue, no claim
   fake (``fetch_access_token`` gets the token from its ``token_uri``).
 * ``run_fake_fcm(credentials)`` starts ``python -m tests.fakes.serve fcm`` as its own process
   (so the fake and the client do not share an event loop) and yields its URL.
-* ``python -m loadtest.fake_ceiling [--requests N] [--concurrency C]`` does both and prints
+* ``python -m loadtest.fake_ceiling [--requests N] [--concurrency C] [--client httpx]``
+  does both and prints
   one JSON document. Loopback only, bounded in requests.
 """
 
@@ -25,14 +26,17 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
 
 from feedsvc.delivery.providers.fcm import AccessTokens, ServiceAccount
+from feedsvc.delivery.providers.http import open_client
 
 LISTENING = re.compile(r"listening on (http://\S+)")
 
@@ -48,44 +52,75 @@ class Ceiling:
 
 async def fetch_access_token(credentials: Path) -> str:
     """One access token from the service account's token_uri (outside any timing)."""
-    async with httpx.AsyncClient() as client:
+    client = open_client(30.0)
+    try:
         return await AccessTokens(ServiceAccount.from_file(credentials), client).get()
+    finally:
+        await client.aclose()
 
 
 async def measure_fcm_ceiling(url: str, project: str, token: str, *, requests: int = 5000,
-                              concurrency: int = 64) -> Ceiling:
-    """Send ``requests`` messages with ``concurrency`` in flight; sends per second."""
+                              concurrency: int = 64, client: str = "aiohttp") -> Ceiling:
+    """Send ``requests`` messages with ``concurrency`` in flight; sends per second.
+    ``client`` is ``aiohttp`` (the library the FCM adapter uses) or ``httpx`` (to compare:
+    its connection pool costs CPU per request in proportion to the connections open)."""
     endpoint = f"{url.rstrip('/')}/v1/projects/{project}/messages:send"
     run = uuid.uuid4().hex[:8]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     errors = 0
     next_index = 0
 
-    async def sender(client: httpx.AsyncClient) -> None:
+    def request(i: int) -> tuple[dict[str, Any], dict[str, str]]:
+        body = {"message": {"token": f"ceiling-{i % 3000}",
+                            "notification": {"title": "Ceiling", "body": f"message {i}"},
+                            "data": {"notification_id": f"ceiling:{i}", "event_id": run}}}
+        return body, {"Authorization": f"Bearer {token}",
+                      "Idempotency-Key": f"ceiling:{run}:{i}:push:d"}
+
+    async def post(send: Callable[[dict[str, Any], dict[str, str]], Awaitable[int]]) -> None:
         nonlocal errors, next_index
         while next_index < requests:
             i = next_index
             next_index += 1
-            body = {"message": {"token": f"ceiling-{i % 3000}",
-                                "notification": {"title": "Ceiling", "body": f"message {i}"},
-                                "data": {"notification_id": f"ceiling:{i}", "event_id": run}}}
-            headers = {"Authorization": f"Bearer {token}",
-                       "Idempotency-Key": f"ceiling:{run}:{i}:push:d"}
             try:
-                response = await client.post(endpoint, json=body, headers=headers)
-                errors += response.status_code != 200
-            except httpx.HTTPError:
+                errors += await send(*request(i)) != 200
+            except (httpx.HTTPError, aiohttp.ClientError):
                 errors += 1
 
-    async with httpx.AsyncClient(limits=limits, timeout=30.0, trust_env=False) as client:
-        # Warm the pool so connection set-up is not charged to the fake.
-        await asyncio.gather(*(client.get(f"{url.rstrip('/')}/_fake/stats")
-                               for _ in range(concurrency)))
-        started = time.perf_counter()
-        await asyncio.gather(*(sender(client) for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
+    started = 0.0
+    if client == "aiohttp":
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def send_aiohttp(body: dict[str, Any], headers: dict[str, str]) -> int:
+                async with session.post(endpoint, json=body, headers=headers) as response:
+                    await response.read()
+                    return response.status
+
+            await _warm(lambda: session.get(f"{url.rstrip('/')}/_fake/stats"), concurrency)
+            started = time.perf_counter()
+            await asyncio.gather(*(post(send_aiohttp) for _ in range(concurrency)))
+    else:
+        limits = httpx.Limits(max_connections=concurrency,
+                              max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(limits=limits, timeout=30.0, trust_env=False) as http:
+            async def send_httpx(body: dict[str, Any], headers: dict[str, str]) -> int:
+                return (await http.post(endpoint, json=body, headers=headers)).status_code
+
+            await asyncio.gather(*(http.get(f"{url.rstrip('/')}/_fake/stats")
+                                   for _ in range(concurrency)))
+            started = time.perf_counter()
+            await asyncio.gather(*(post(send_httpx) for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
     return Ceiling(requests, concurrency, round(seconds, 3), round(requests / seconds, 1),
                    errors)
+
+
+async def _warm(get: Callable[[], Any], concurrency: int) -> None:
+    """Open the pool's connections first so their set-up is not charged to the fake."""
+    async def one() -> None:
+        async with get() as response:
+            await response.read()
+
+    await asyncio.gather(*(one() for _ in range(concurrency)))
 
 
 @contextmanager
@@ -121,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.fake_ceiling")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         credentials = Path(tmp) / "fcm.json"
@@ -128,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             project = json.loads(credentials.read_text())["project_id"]
             token = asyncio.run(fetch_access_token(credentials))
             ceiling = asyncio.run(measure_fcm_ceiling(
-                url, project, token, requests=args.requests, concurrency=args.concurrency))
+                url, project, token, requests=args.requests, concurrency=args.concurrency,
+                client=args.client))
     print(json.dumps(asdict(ceiling), indent=2))
 
 

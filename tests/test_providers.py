@@ -48,7 +48,7 @@ def outgoing(key: str, kind: str = "fcm", address: str = "tok-1", **kw: object) 
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[http.AiohttpClient]:
     c = http.open_client(5.0)
     yield c
     await c.aclose()
@@ -63,13 +63,13 @@ async def fcm() -> AsyncIterator[FakeFcm]:
         yield fake
 
 
-def fcm_provider(fake: FakeFcm, client: httpx.AsyncClient, tmp_path: Path) -> FcmProvider:
+def fcm_provider(fake: FakeFcm, client: http.HttpClient, tmp_path: Path) -> FcmProvider:
     account = ServiceAccount.from_file(fake.write_credentials(tmp_path / "sa.json"))
     return FcmProvider(fake.project, account, client, fake.url)
 
 
 async def test_fcm_sends_with_one_oauth_token_for_many(
-    fcm: FakeFcm, client: httpx.AsyncClient, tmp_path: Path
+    fcm: FakeFcm, client: http.HttpClient, tmp_path: Path
 ) -> None:
     provider = fcm_provider(fcm, client, tmp_path)
     receipts = await asyncio.gather(*(provider.send(outgoing(f"e1:u{i}:push:d1",
@@ -87,7 +87,7 @@ async def test_fcm_sends_with_one_oauth_token_for_many(
 
 
 async def test_fcm_repeat_of_an_accepted_key_is_one_delivery(
-    fcm: FakeFcm, client: httpx.AsyncClient, tmp_path: Path
+    fcm: FakeFcm, client: http.HttpClient, tmp_path: Path
 ) -> None:
     provider = fcm_provider(fcm, client, tmp_path)
     first = await provider.send(outgoing("k1"))
@@ -98,7 +98,7 @@ async def test_fcm_repeat_of_an_accepted_key_is_one_delivery(
 
 @pytest.mark.parametrize("status", [503, 429, 500])
 async def test_fcm_transient_answers_carry_retry_after(
-    fcm: FakeFcm, client: httpx.AsyncClient, tmp_path: Path, status: int
+    fcm: FakeFcm, client: http.HttpClient, tmp_path: Path, status: int
 ) -> None:
     provider = fcm_provider(fcm, client, tmp_path)
     fcm.behaviour.retry_after = 7
@@ -112,7 +112,7 @@ async def test_fcm_transient_answers_carry_retry_after(
     assert list(fcm.ledger.accepted) == ["k1"]
 
 
-async def test_fcm_dead_tokens(fcm: FakeFcm, client: httpx.AsyncClient, tmp_path: Path) -> None:
+async def test_fcm_dead_tokens(fcm: FakeFcm, client: http.HttpClient, tmp_path: Path) -> None:
     provider = fcm_provider(fcm, client, tmp_path)
     fcm.behaviour.dead.add("gone")
     fcm.invalid_tokens.add("garbage")
@@ -126,7 +126,7 @@ async def test_fcm_dead_tokens(fcm: FakeFcm, client: httpx.AsyncClient, tmp_path
 
 
 async def test_fcm_invalid_argument_not_naming_the_token_is_rejected(
-    fcm: FakeFcm, client: httpx.AsyncClient, tmp_path: Path
+    fcm: FakeFcm, client: http.HttpClient, tmp_path: Path
 ) -> None:
     provider = fcm_provider(fcm, client, tmp_path)
     fcm.behaviour.script = [400]
@@ -136,7 +136,7 @@ async def test_fcm_invalid_argument_not_naming_the_token_is_rejected(
 
 
 async def test_fcm_renews_a_refused_access_token(
-    fcm: FakeFcm, client: httpx.AsyncClient, tmp_path: Path
+    fcm: FakeFcm, client: http.HttpClient, tmp_path: Path
 ) -> None:
     provider = fcm_provider(fcm, client, tmp_path)
     await provider.send(outgoing("k1"))
@@ -148,7 +148,7 @@ async def test_fcm_renews_a_refused_access_token(
 
 
 async def test_fcm_refetches_a_token_when_it_expires(
-    client: httpx.AsyncClient, tmp_path: Path
+    client: http.HttpClient, tmp_path: Path
 ) -> None:
     async with FakeFcm(token_lifetime=1).running() as fake:
         provider = fcm_provider(fake, client, tmp_path)
@@ -161,7 +161,7 @@ async def test_fcm_refetches_a_token_when_it_expires(
 
 
 async def test_fcm_wrong_key_is_refused_at_the_token_endpoint(
-    fcm: FakeFcm, client: httpx.AsyncClient, tmp_path: Path
+    fcm: FakeFcm, client: http.HttpClient, tmp_path: Path
 ) -> None:
     other = FakeFcm(key=rsa.generate_private_key(public_exponent=65537, key_size=2048))
     info = other.service_account()
@@ -297,7 +297,7 @@ def push_to(fake: FakeWebPush, key: str, **kw: object) -> Outgoing:
 
 
 async def test_webpush_body_decrypts_with_the_subscription_key(
-    webpush: FakeWebPush, client: httpx.AsyncClient, vapid_keys: tuple[str, str]
+    webpush: FakeWebPush, client: http.HttpClient, vapid_keys: tuple[str, str]
 ) -> None:
     provider = WebPushProvider(load_vapid(vapid_keys[0], "mailto:ops@example.org"),
                                "mailto:ops@example.org", client)
@@ -315,7 +315,7 @@ async def test_webpush_body_decrypts_with_the_subscription_key(
 
 
 async def test_webpush_wrong_vapid_key_is_refused(
-    webpush: FakeWebPush, client: httpx.AsyncClient
+    webpush: FakeWebPush, client: http.HttpClient
 ) -> None:
     other_private, _ = new_vapid_key()
     provider = WebPushProvider(load_vapid(other_private, "mailto:ops@example.org"),
@@ -326,7 +326,7 @@ async def test_webpush_wrong_vapid_key_is_refused(
 
 
 async def test_webpush_failures(
-    webpush: FakeWebPush, client: httpx.AsyncClient, vapid_keys: tuple[str, str]
+    webpush: FakeWebPush, client: http.HttpClient, vapid_keys: tuple[str, str]
 ) -> None:
     provider = WebPushProvider(load_vapid(vapid_keys[0], "https://example.org/contact"),
                                "https://example.org/contact", client)
@@ -363,13 +363,13 @@ async def twilio() -> AsyncIterator[FakeTwilio]:
         yield fake
 
 
-def sms_provider(fake: FakeTwilio, client: httpx.AsyncClient, token: str = "") -> SmsProvider:
+def sms_provider(fake: FakeTwilio, client: http.HttpClient, token: str = "") -> SmsProvider:
     return SmsProvider(fake_twilio.ACCOUNT_SID, token or fake_twilio.AUTH_TOKEN,
                        fake_twilio.FROM, client, fake.url)
 
 
 async def test_sms_sends_a_form_with_basic_auth(
-    twilio: FakeTwilio, client: httpx.AsyncClient
+    twilio: FakeTwilio, client: http.HttpClient
 ) -> None:
     receipt = await sms_provider(twilio, client).send(outgoing("k1", kind="sms",
                                                                address="+15551230001"))
@@ -383,7 +383,7 @@ async def test_sms_sends_a_form_with_basic_auth(
 @pytest.mark.parametrize(("code", "reason"), [(21211, "invalid_number"),
                                               (21610, "unsubscribed"), (21614, "not_mobile")])
 async def test_sms_dead_numbers(
-    twilio: FakeTwilio, client: httpx.AsyncClient, code: int, reason: str
+    twilio: FakeTwilio, client: http.HttpClient, code: int, reason: str
 ) -> None:
     twilio.dead_numbers["+15550000000"] = code
     with pytest.raises(DeadTarget) as info:
@@ -392,7 +392,7 @@ async def test_sms_dead_numbers(
     assert info.value.reason == reason
 
 
-async def test_sms_transient_and_permanent(twilio: FakeTwilio, client: httpx.AsyncClient) -> None:
+async def test_sms_transient_and_permanent(twilio: FakeTwilio, client: http.HttpClient) -> None:
     provider = sms_provider(twilio, client)
     twilio.behaviour.retry_after = 2
     twilio.behaviour.script = [429, 400]
@@ -533,12 +533,15 @@ def test_retry_after_forms() -> None:
     assert http.parse_retry_after("99999") == http.MAX_RETRY_AFTER
 
 
-async def test_fcm_ceiling_helper_sends_accepted_requests(fcm: FakeFcm, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client_lib", ["httpx", "aiohttp"])
+async def test_fcm_ceiling_helper_sends_accepted_requests(
+    fcm: FakeFcm, tmp_path: Path, client_lib: str
+) -> None:
     from loadtest.fake_ceiling import fetch_access_token, measure_fcm_ceiling
 
     token = await fetch_access_token(fcm.write_credentials(tmp_path / "sa.json"))
     ceiling = await measure_fcm_ceiling(fcm.url, fcm.project, token, requests=60,
-                                        concurrency=8)
+                                        concurrency=8, client=client_lib)
     assert ceiling.errors == 0 and ceiling.per_second > 0
     assert len(fcm.ledger.accepted) == 60 and fcm.ledger.repeat_count == 0
 

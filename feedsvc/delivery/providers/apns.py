@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import jwt
 
 from feedsvc.delivery.providers import http
@@ -79,13 +78,13 @@ class ApnsProvider:
 
     def __init__(self, key_pem: str, key_id: str, team_id: str, topic: str,
                  base_url: str = "https://api.push.apple.com", *, timeout: float = 10.0,
-                 client: httpx.AsyncClient | None = None) -> None:
+                 client: http.HttpClient | None = None) -> None:
         self.tokens = ProviderTokens(key_pem, key_id, team_id)
         self.topic = topic
         self.base_url = base_url.rstrip("/")
         # Its own HTTP/2-only client (prior knowledge on http://); closed by aclose.
         self._owns_client = client is None
-        self.client = client or http.open_client(timeout, http2_only=True)
+        self.client = client or http.open_http2_client(timeout)
 
     async def send(self, message: Outgoing) -> Receipt:
         token = self.tokens.get()
@@ -101,12 +100,12 @@ class ApnsProvider:
         payload: dict[str, Any] = {k: v for k, v in message.data.items() if k != "aps"}
         payload["aps"] = {"alert": {"title": message.title, "body": message.body}}
         url = f"{self.base_url}/3/device/{quote(message.address, safe='')}"
-        response = await http.request(self.client, self.name, "POST", url, headers=headers,
-                                      json=payload)
-        status = response.status_code
+        answer = await self.client.request(self.name, "POST", url, headers=headers,
+                                           json_body=payload)
+        status = answer.status
         if status == 200:
-            return Receipt(self.name, response.headers.get("apns-id", apns_id))
-        reason = str(http.json_or_empty(response).get("reason", ""))
+            return Receipt(self.name, answer.headers.get("apns-id", apns_id))
+        reason = str(answer.json().get("reason", ""))
         if status == 410 or reason in DEAD_REASONS:
             raise DeadTarget(self.name, DEAD_REASONS.get(reason, "unregistered"), reason,
                              status=status)
@@ -115,7 +114,7 @@ class ApnsProvider:
             raise ProviderUnavailable(self.name, f"HTTP 403 {reason}; renewing the token",
                                       status=status)
         if http.is_transient(status):
-            raise http.unavailable(self.name, response, reason)
+            raise http.unavailable(self.name, answer, reason)
         raise ProviderRejected(self.name, f"HTTP {status} {reason}".strip(), status=status)
 
     async def aclose(self) -> None:

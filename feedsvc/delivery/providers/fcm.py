@@ -4,7 +4,7 @@ A channel worker calls ``FcmProvider.send`` for a push delivery to an ``fcm`` de
 access token comes from the service account's ``token_uri`` by the JWT-bearer grant (an
 RS256 assertion signed with the account's private key, RFC 7523) and is cached until shortly
 before it expires; concurrent sends share one fetch. The grant is one form POST on the
-shared async client: google-auth's refresh is synchronous and would block the event loop.
+shared HTTP client: google-auth's refresh is synchronous and would block the event loop.
 
 Answers: 200 ``{"name"}`` sent; 404 / ``UNREGISTERED`` and 400 ``INVALID_ARGUMENT`` naming
 ``message.token`` dead token; 401 drops the cached token and retries later; 429 / 5xx
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 
 from feedsvc.delivery.providers import http
@@ -63,7 +62,7 @@ class ServiceAccount:
 class AccessTokens:
     """OAuth2 access tokens for one service account, fetched once and cached until expiry."""
 
-    def __init__(self, account: ServiceAccount, client: httpx.AsyncClient) -> None:
+    def __init__(self, account: ServiceAccount, client: http.HttpClient) -> None:
         self.account = account
         self.client = client
         self.token: str | None = None
@@ -93,17 +92,17 @@ class AccessTokens:
     async def _fetch(self) -> str:
         started = time.monotonic()
         form = {"grant_type": GRANT_TYPE, "assertion": self.assertion(time.time())}
-        response = await http.request(
-            self.client, "fcm", "POST", self.account.token_uri, headers={}, data=form)
+        answer = await self.client.request("fcm", "POST", self.account.token_uri, headers={},
+                                           form=form)
         self.fetches += 1
-        if http.is_transient(response.status_code):
-            raise http.unavailable("fcm", response, "from the OAuth token endpoint")
-        body = http.json_or_empty(response)
-        if response.status_code != 200 or not isinstance(body.get("access_token"), str):
+        if http.is_transient(answer.status):
+            raise http.unavailable("fcm", answer, "from the OAuth token endpoint")
+        body = answer.json()
+        if answer.status != 200 or not isinstance(body.get("access_token"), str):
             raise ProviderRejected(
-                "fcm", f"OAuth token refused: HTTP {response.status_code} "
+                "fcm", f"OAuth token refused: HTTP {answer.status} "
                 f"{body.get('error', '')} {body.get('error_description', '')}".strip(),
-                status=response.status_code)
+                status=answer.status)
         lifetime = float(body.get("expires_in", 3600))
         self.token = str(body["access_token"])
         self.expires_at = started + max(lifetime - REFRESH_MARGIN, lifetime / 2)
@@ -116,7 +115,7 @@ class FcmProvider:
 
     name = "fcm"
 
-    def __init__(self, project_id: str, account: ServiceAccount, client: httpx.AsyncClient,
+    def __init__(self, project_id: str, account: ServiceAccount, client: http.HttpClient,
                  base_url: str = "https://fcm.googleapis.com") -> None:
         self.client = client
         self.tokens = AccessTokens(account, client)
@@ -130,42 +129,42 @@ class FcmProvider:
             "data": message.data,
         }}
         headers = {"Authorization": f"Bearer {token}", IDEMPOTENCY_HEADER: message.key}
-        response = await http.request(self.client, self.name, "POST", self.url,
-                                      headers=headers, json=body)
-        status = response.status_code
+        answer = await self.client.request(self.name, "POST", self.url, headers=headers,
+                                           json_body=body)
+        status = answer.status
         if status == 200:
-            return Receipt(self.name, str(http.json_or_empty(response).get("name", "")))
+            return Receipt(self.name, str(answer.json().get("name", "")))
         if status == 401:
             self.tokens.invalidate(token)
             raise ProviderUnavailable(self.name, "HTTP 401: access token refused; renewing",
                                       status=status)
         if http.is_transient(status):
-            raise http.unavailable(self.name, response, _error_text(response))
-        raise _permanent(response)
+            raise http.unavailable(self.name, answer, _error_text(answer))
+        raise _permanent(answer)
 
     async def aclose(self) -> None:
         """Nothing of its own: the HTTP client is shared and closed by its owner."""
 
 
-def _error_text(response: httpx.Response) -> str:
-    error = http.json_or_empty(response).get("error")
+def _error_text(answer: http.Answer) -> str:
+    error = answer.json().get("error")
     if isinstance(error, dict):
         return f"{error.get('status', '')} {error.get('message', '')}".strip()
     return ""
 
 
-def _permanent(response: httpx.Response) -> DeadTarget | ProviderRejected:
+def _permanent(answer: http.Answer) -> DeadTarget | ProviderRejected:
     """Sort a final 4xx answer: a dead token, or a message FCM will never take."""
-    error = http.json_or_empty(response).get("error")
+    error = answer.json().get("error")
     error = error if isinstance(error, dict) else {}
-    status = response.status_code
+    status = answer.status
     details = [d for d in error.get("details", []) if isinstance(d, dict)]
     codes = {d.get("errorCode") for d in details} | {error.get("status")}
     names_token = any(
         isinstance(v, dict) and v.get("field") == "message.token"
         for d in details for v in d.get("fieldViolations", []) or []
     )
-    text = _error_text(response)
+    text = _error_text(answer)
     if status == 404 or "UNREGISTERED" in codes:
         return DeadTarget("fcm", "unregistered", text, status=status)
     if status == 400 and "INVALID_ARGUMENT" in codes and names_token:

@@ -1,19 +1,32 @@
-"""What the HTTP provider adapters share: the client, the transport-error map, Retry-After.
+"""What the HTTP provider adapters share: one client port, its two implementations, the
+transport-error map, and Retry-After.
 
-Sits under ``fcm.py``, ``apns.py``, ``webpush.py`` and ``sms.py``. One ``httpx.AsyncClient``
-per process serves FCM, Web Push and SMS (HTTP/2 where the server offers it, HTTP/1.1
-otherwise); APNs gets its own HTTP/2-only client because Apple speaks nothing else and an
-``http://`` APNs URL means HTTP/2 with prior knowledge. ``request`` translates every
-transport failure into ``ProviderUnavailable`` in one place.
+Sits under ``fcm.py``, ``apns.py``, ``webpush.py`` and ``sms.py``. The adapters speak to an
+``HttpClient`` and read an ``Answer`` (status, headers, body), so which library carries the
+bytes is decided here, once:
+
+* ``AiohttpClient`` (``open_client``): one per process, shared by FCM, Web Push and SMS.
+  HTTP/1.1 with keep-alive. aiohttp rather than httpx because httpcore's connection pool
+  spends CPU per request in proportion to its open connections: at 32 in flight it sent a
+  third of what aiohttp sent to the same fake (see ``loadtest/fake_ceiling.py``).
+* ``HttpxClient`` (``open_http2_client``): HTTP/2 only, for APNs, which speaks nothing else;
+  on an ``http://`` URL it uses HTTP/2 with prior knowledge. One connection carries every
+  stream, so the pool cost above does not arise.
+
+Both translate every transport failure (connect, read, timeout, protocol) into
+``ProviderUnavailable``; the adapters sort the answers.
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import aiohttp
 import httpx
 
 from feedsvc.errors import ProviderUnavailable
@@ -25,15 +38,118 @@ MAX_CONNECTIONS = 256
 MAX_RETRY_AFTER = 3600.0
 
 
-def open_client(timeout: float, *, http2_only: bool = False) -> httpx.AsyncClient:
-    """A client for provider calls. ``http2_only`` speaks HTTP/2 even on ``http://`` URLs
-    (prior knowledge), as a local APNs stand-in needs."""
-    limits = httpx.Limits(max_connections=MAX_CONNECTIONS,
-                          max_keepalive_connections=MAX_CONNECTIONS)
-    return httpx.AsyncClient(
-        http1=not http2_only, http2=True, timeout=httpx.Timeout(timeout), limits=limits,
-        follow_redirects=False,  # trust_env stays on: HTTPS_PROXY / NO_PROXY are honoured
-    )
+@dataclass(frozen=True)
+class Answer:
+    """A provider's HTTP answer. ``headers`` is case-insensitive."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> dict[str, Any]:
+        """The JSON object of the body, or {} when it has none."""
+        try:
+            value = json.loads(self.body)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+class HttpClient(Protocol):
+    async def request(self, provider: str, method: str, url: str, *,
+                      headers: Mapping[str, str], json_body: Any = None,
+                      form: Mapping[str, str] | None = None, content: bytes | None = None,
+                      basic_auth: tuple[str, str] | None = None) -> Answer:
+        """One request; a transport failure raises ProviderUnavailable."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpClient:
+    """HTTP/1.1 keep-alive client; the session is opened on first use (inside the loop)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
+                timeout=aiohttp.ClientTimeout(total=self.timeout), trust_env=True)
+        return self._session
+
+    async def request(self, provider: str, method: str, url: str, *,
+                      headers: Mapping[str, str], json_body: Any = None,
+                      form: Mapping[str, str] | None = None, content: bytes | None = None,
+                      basic_auth: tuple[str, str] | None = None) -> Answer:
+        send_headers = dict(headers)
+        data: Any = content
+        if json_body is not None:
+            data = json.dumps(json_body, separators=(",", ":")).encode()
+            send_headers["Content-Type"] = "application/json"
+        elif form is not None:
+            data = dict(form)  # aiohttp sends a dict urlencoded
+        if basic_auth is not None:
+            send_headers["Authorization"] = aiohttp.encode_basic_auth(*basic_auth)
+        try:
+            async with self._open().request(method, url, headers=send_headers, data=data,
+                                            allow_redirects=False) as response:
+                body = await response.read()
+                return Answer(response.status, response.headers, body)
+        except TimeoutError as exc:
+            raise ProviderUnavailable(provider, "timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise ProviderUnavailable(provider, f"{type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class HttpxClient:
+    """HTTP/2-only client (prior knowledge on ``http://``), for APNs."""
+
+    def __init__(self, timeout: float) -> None:
+        limits = httpx.Limits(max_connections=MAX_CONNECTIONS,
+                              max_keepalive_connections=MAX_CONNECTIONS)
+        # trust_env stays on: HTTPS_PROXY / NO_PROXY are honoured.
+        self.client = httpx.AsyncClient(http1=False, http2=True, timeout=httpx.Timeout(timeout),
+                                        limits=limits, follow_redirects=False)
+
+    async def request(self, provider: str, method: str, url: str, *,
+                      headers: Mapping[str, str], json_body: Any = None,
+                      form: Mapping[str, str] | None = None, content: bytes | None = None,
+                      basic_auth: tuple[str, str] | None = None) -> Answer:
+        try:
+            response = await self.client.request(
+                method, url, headers=dict(headers), json=json_body,
+                data=dict(form) if form is not None else None, content=content,
+                auth=httpx.BasicAuth(*basic_auth) if basic_auth else None)
+        except httpx.TimeoutException as exc:
+            raise ProviderUnavailable(provider, f"timeout: {type(exc).__name__}") from exc
+        except httpx.TransportError as exc:  # connect, read, write, protocol errors
+            raise ProviderUnavailable(provider, f"{type(exc).__name__}: {exc}") from exc
+        return Answer(response.status_code, response.headers, response.content)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def open_client(timeout: float) -> AiohttpClient:
+    """The shared client of FCM, Web Push and SMS. Close with ``aclose``."""
+    return AiohttpClient(timeout)
+
+
+def open_http2_client(timeout: float) -> HttpxClient:
+    """An HTTP/2-only client (APNs). Close with ``aclose``."""
+    return HttpxClient(timeout)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -57,31 +173,11 @@ def is_transient(status: int) -> bool:
     return status == 429 or status >= 500
 
 
-def unavailable(provider: str, response: httpx.Response, detail: str = "") -> ProviderUnavailable:
+def unavailable(provider: str, answer: Answer, detail: str = "") -> ProviderUnavailable:
     """The retryable error for a 429/5xx answer, carrying its Retry-After."""
-    text = f"HTTP {response.status_code}" + (f" {detail}" if detail else "")
-    return ProviderUnavailable(
-        provider, text, retry_after=parse_retry_after(response.headers.get("retry-after")),
-        status=response.status_code)
+    text = f"HTTP {answer.status}" + (f" {detail}" if detail else "")
+    return ProviderUnavailable(provider, text,
+                               retry_after=parse_retry_after(answer.headers.get("retry-after")),
+                               status=answer.status)
 
 
-async def request(
-    client: httpx.AsyncClient, provider: str, method: str, url: str, *,
-    headers: Mapping[str, str], **kwargs: Any,
-) -> httpx.Response:
-    """Send one request; a connection error or timeout becomes ProviderUnavailable."""
-    try:
-        return await client.request(method, url, headers=dict(headers), **kwargs)
-    except httpx.TimeoutException as exc:
-        raise ProviderUnavailable(provider, f"timeout: {type(exc).__name__}") from exc
-    except httpx.TransportError as exc:  # connect, read, write, protocol errors
-        raise ProviderUnavailable(provider, f"{type(exc).__name__}: {exc}") from exc
-
-
-def json_or_empty(response: httpx.Response) -> dict[str, Any]:
-    """The JSON object of an error answer, or {} when it has none."""
-    try:
-        value = response.json()
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import httpx
-
 from feedsvc.config import Settings
 from feedsvc.delivery.providers import http
 from feedsvc.delivery.providers.apns import ApnsProvider, read_key
@@ -35,7 +33,7 @@ class Providers:
     """The adapters of one process, by target kind, and the HTTP client they share."""
 
     def __init__(self, adapters: dict[TargetKind, Provider],
-                 client: httpx.AsyncClient | None = None) -> None:
+                 client: http.HttpClient | None = None) -> None:
         self.adapters = adapters
         self.client = client
 

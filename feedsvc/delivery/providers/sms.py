@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import httpx
-
 from feedsvc.delivery.providers import http
 from feedsvc.delivery.providers.base import IDEMPOTENCY_HEADER, Outgoing, Receipt
 from feedsvc.errors import DeadTarget, ProviderRejected
@@ -33,28 +31,28 @@ class SmsProvider:
     name = "sms"
 
     def __init__(self, account_sid: str, auth_token: str, sender: str,
-                 client: httpx.AsyncClient, base_url: str = "https://api.twilio.com") -> None:
+                 client: http.HttpClient, base_url: str = "https://api.twilio.com") -> None:
         self.client = client
-        self.auth = httpx.BasicAuth(account_sid, auth_token)
+        self.auth = (account_sid, auth_token)
         self.sender = sender
         self.url = f"{base_url.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
 
     async def send(self, message: Outgoing) -> Receipt:
         form = {"To": message.address, "From": self.sender,
                 "Body": sms_text(message.title, message.body)}
-        response = await http.request(
-            self.client, self.name, "POST", self.url,
-            headers={IDEMPOTENCY_HEADER: message.key}, data=form, auth=self.auth)
-        status = response.status_code
-        answer = http.json_or_empty(response)
+        answer = await self.client.request(
+            self.name, "POST", self.url, headers={IDEMPOTENCY_HEADER: message.key}, form=form,
+            basic_auth=self.auth)
+        status = answer.status
+        reply = answer.json()
         if status in (200, 201):
-            return Receipt(self.name, str(answer.get("sid", "")))
-        code = answer.get("code")
-        text = f"HTTP {status} code {code} {answer.get('message', '')}".strip()
+            return Receipt(self.name, str(reply.get("sid", "")))
+        code = reply.get("code")
+        text = f"HTTP {status} code {code} {reply.get('message', '')}".strip()
         if isinstance(code, int) and code in DEAD_CODES:
             raise DeadTarget(self.name, DEAD_CODES[code], text, status=status)
         if http.is_transient(status):
-            raise http.unavailable(self.name, response, f"code {code}")
+            raise http.unavailable(self.name, answer, f"code {code}")
         raise ProviderRejected(self.name, text, status=status)
 
     async def aclose(self) -> None:

@@ -22,7 +22,6 @@ import time
 from urllib.parse import urlsplit
 
 import http_ece
-import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid02
 
@@ -76,7 +75,7 @@ class WebPushProvider:
 
     name = "webpush"
 
-    def __init__(self, vapid: Vapid02, subject: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, vapid: Vapid02, subject: str, client: http.HttpClient) -> None:
         self.vapid = vapid
         self.subject = subject
         self.client = client
@@ -115,17 +114,17 @@ class WebPushProvider:
             "Urgency": URGENCY[message.priority],
             IDEMPOTENCY_HEADER: message.key,
         }
-        response = await http.request(self.client, self.name, "POST", message.address,
-                                      headers=headers, content=body)
-        status = response.status_code
+        answer = await self.client.request(self.name, "POST", message.address,
+                                           headers=headers, content=body)
+        status = answer.status
         if status in (200, 201, 202):
-            return Receipt(self.name, response.headers.get("location", ""))
+            return Receipt(self.name, answer.headers.get("location", ""))
         if status in (404, 410):
             reason = "subscription_gone" if status == 410 else "subscription_not_found"
             raise DeadTarget(self.name, reason, f"HTTP {status}", status=status)
         if http.is_transient(status):
-            raise http.unavailable(self.name, response)
-        raise ProviderRejected(self.name, f"HTTP {status} {response.text[:200]}".strip(),
+            raise http.unavailable(self.name, answer)
+        raise ProviderRejected(self.name, f"HTTP {status} {answer.text[:200]}".strip(),
                                status=status)
 
     async def aclose(self) -> None:
