@@ -57,6 +57,26 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+def _http_url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", text):
+        raise ValueError("must be an http:// or https:// URL")
+    return text.rstrip("/")
+
+
+def _smtp_url(text: str) -> str:
+    if not re.fullmatch(r"smtps?://([^@/\s]+@)?[^/\s@?]+(:\d+)?/?(\?[^\s]*)?", text):
+        raise ValueError("use smtp://[user:pass@]host:port, smtps://... or ?starttls=true")
+    return text
+
+
+def _channels(text: str) -> tuple[str, ...]:
+    channels = _keys(text)
+    bad = [c for c in channels if c not in ("push", "sms", "email")]
+    if bad:
+        raise ValueError(f"unknown channel(s) {', '.join(bad)} (use push, sms, email)")
+    return channels
+
+
 def _hosts(text: str) -> tuple[str, ...]:
     hosts = tuple(h.strip() for h in text.split(",") if h.strip())
     for host in hosts:
@@ -87,26 +107,6 @@ def _replication(text: str) -> str:
     if not re.fullmatch(pattern, text):
         raise ValueError("use SimpleStrategy:RF or NetworkTopologyStrategy:dc1=3:dc2=3")
     return text
-
-
-def _http_url(text: str) -> str:
-    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", text):
-        raise ValueError("must be an http:// or https:// URL")
-    return text.rstrip("/")
-
-
-def _smtp_url(text: str) -> str:
-    if not re.fullmatch(r"smtps?://([^@/\s]+@)?[^/\s@?]+(:\d+)?/?(\?[^\s]*)?", text):
-        raise ValueError("use smtp://[user:pass@]host:port, smtps://... or ?starttls=true")
-    return text
-
-
-def _channels(text: str) -> tuple[str, ...]:
-    channels = _keys(text)
-    bad = [c for c in channels if c not in ("push", "sms", "email")]
-    if bad:
-        raise ValueError(f"unknown channel(s) {', '.join(bad)} (use push, sms, email)")
-    return channels
 
 
 @dataclass(frozen=True)
