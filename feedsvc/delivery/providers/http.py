@@ -7,8 +7,9 @@ bytes is decided here, once:
 
 * ``AiohttpClient`` (``open_client``): one per process, shared by FCM, Web Push and SMS.
   HTTP/1.1 with keep-alive. aiohttp rather than httpx because httpcore's connection pool
-  spends CPU per request in proportion to its open connections: at 32 in flight it sent a
-  third of what aiohttp sent to the same fake (see ``loadtest/fake_ceiling.py``).
+  spends CPU per request in proportion to its open connections: with 8 to 64 in flight it
+  sent 3 to 7 times fewer requests than aiohttp to the same fake
+  (``python -m loadtest.fake_ceiling --client httpx`` compares).
 * ``HttpxClient`` (``open_http2_client``): HTTP/2 only, for APNs, which speaks nothing else;
   on an ``http://`` URL it uses HTTP/2 with prior knowledge. One connection carries every
   stream, so the pool cost above does not arise.
