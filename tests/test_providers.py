@@ -587,3 +587,27 @@ def test_fake_runs_as_its_own_process(tmp_path: Path) -> None:
         assert stats == {"requests": 0, "accepted": 0, "repeats": 0, "missing_key": 0,
                          "failures": {}}
         assert ServiceAccount.from_file(credentials).token_uri == f"{url}/token"
+
+
+async def test_every_provider_against_the_fake_suite(tmp_path: Path) -> None:
+    from tests.fakes.suite import running_fakes
+
+    async with running_fakes(tmp_path) as fakes:
+        fakes.set_behaviour(latency=0.01)
+        providers = open_providers(Settings(**fakes.settings()))
+        try:
+            assert providers.unconfigured_channels() == []
+            sub = fakes.webpush.subscribe()
+            targets = {"fcm": "ftok", "apns": "atok", "webpush": sub.endpoint,
+                       "sms": "+15551230009", "email": "kid@example.org"}
+            for kind, address in targets.items():
+                adapter = providers.for_target(kind)  # type: ignore[arg-type]
+                assert adapter is not None
+                keys = WebPushKeys(sub.p256dh, sub.auth_b64) if kind == "webpush" else None
+                await adapter.send(outgoing(f"e1:u1:{kind}", kind=kind, address=address,
+                                            webpush=keys))
+        finally:
+            await providers.aclose()
+        for kind, ledger in fakes.ledgers().items():
+            assert list(ledger.accepted) == [f"e1:u1:{kind}"], kind
+            assert ledger.missing_key == 0
