@@ -371,8 +371,11 @@ def sms_provider(fake: FakeTwilio, client: http.HttpClient, token: str = "") -> 
 async def test_sms_sends_a_form_with_basic_auth(
     twilio: FakeTwilio, client: http.HttpClient
 ) -> None:
+    twilio.behaviour.latency = 0.3
+    started = time.monotonic()
     receipt = await sms_provider(twilio, client).send(outgoing("k1", kind="sms",
                                                                address="+15551230001"))
+    assert time.monotonic() - started >= 0.3  # the fake's latency is real
     assert twilio.ledger.accepted["k1"] == {"to": "+15551230001", "from": fake_twilio.FROM,
                                             "body": "School closed: No school tomorrow"}
     assert receipt.message_id.startswith("SM")
