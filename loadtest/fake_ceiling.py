@@ -8,9 +8,10 @@ request) with the same number in flight, and nothing else — no queue, no claim
 
 * ``measure_fcm_ceiling(url, project, token, requests=, concurrency=)`` measures a running
   fake (``fetch_access_token`` gets the token from its ``token_uri``).
+* ``measure_fcm_adapter(url, credentials, ...)`` sends the same through ``FcmProvider``.
 * ``run_fake_fcm(credentials)`` starts ``python -m tests.fakes.serve fcm`` as its own process
   (so the fake and the client do not share an event loop) and yields its URL.
-* ``python -m loadtest.fake_ceiling [--requests N] [--concurrency C] [--client httpx]``
+* ``python -m loadtest.fake_ceiling [--requests N] [--concurrency C] [--client httpx|adapter]``
   does both and prints
   one JSON document. Loopback only, bounded in requests.
 """
@@ -35,8 +36,10 @@ from typing import Any
 import aiohttp
 import httpx
 
-from feedsvc.delivery.providers.fcm import AccessTokens, ServiceAccount
+from feedsvc.delivery.providers.base import Outgoing
+from feedsvc.delivery.providers.fcm import AccessTokens, FcmProvider, ServiceAccount
 from feedsvc.delivery.providers.http import open_client
+from feedsvc.errors import FeedError
 
 LISTENING = re.compile(r"listening on (http://\S+)")
 
@@ -123,6 +126,44 @@ async def _warm(get: Callable[[], Any], concurrency: int) -> None:
     await asyncio.gather(*(one() for _ in range(concurrency)))
 
 
+async def measure_fcm_adapter(url: str, credentials: Path, *, requests: int = 5000,
+                              concurrency: int = 64) -> Ceiling:
+    """The same sends through feedsvc's ``FcmProvider`` (token cache, error sorting, its
+    shared client): what the adapter alone costs against the bare client's ceiling."""
+    account = ServiceAccount.from_file(credentials)
+    project = account.project_id or ""
+    client = open_client(30.0)
+    provider = FcmProvider(project, account, client, url)
+    run = uuid.uuid4().hex[:8]
+    errors = 0
+    next_index = 0
+
+    async def sender() -> None:
+        nonlocal errors, next_index
+        while next_index < requests:
+            i = next_index
+            next_index += 1
+            message = Outgoing(key=f"adapter:{run}:{i}:push:d", kind="fcm",
+                               address=f"ceiling-{i % 3000}", title="Ceiling",
+                               body=f"message {i}",
+                               data={"notification_id": f"adapter:{i}", "event_id": run})
+            try:
+                await provider.send(message)
+            except FeedError:
+                errors += 1
+
+    try:
+        await provider.tokens.get()  # the token fetch is not timed
+        await _warm(lambda: client._open().get(f"{url.rstrip('/')}/_fake/stats"), concurrency)
+        started = time.perf_counter()
+        await asyncio.gather(*(sender() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    finally:
+        await client.aclose()
+    return Ceiling(requests, concurrency, round(seconds, 3), round(requests / seconds, 1),
+                   errors)
+
+
 @contextmanager
 def run_fake_fcm(credentials: Path, *, extra: Sequence[str] = ()) -> Iterator[str]:
     """Start the fake FCM in its own process; yields its URL; stops it after. Its stderr
@@ -156,16 +197,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.fake_ceiling")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
+    parser.add_argument("--client", choices=["aiohttp", "httpx", "adapter"], default="aiohttp",
+                        help="adapter: the same sends through feedsvc's FcmProvider")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         credentials = Path(tmp) / "fcm.json"
         with run_fake_fcm(credentials) as url:
             project = json.loads(credentials.read_text())["project_id"]
-            token = asyncio.run(fetch_access_token(credentials))
-            ceiling = asyncio.run(measure_fcm_ceiling(
-                url, project, token, requests=args.requests, concurrency=args.concurrency,
-                client=args.client))
+            if args.client == "adapter":
+                ceiling = asyncio.run(measure_fcm_adapter(
+                    url, credentials, requests=args.requests, concurrency=args.concurrency))
+            else:
+                token = asyncio.run(fetch_access_token(credentials))
+                ceiling = asyncio.run(measure_fcm_ceiling(
+                    url, project, token, requests=args.requests,
+                    concurrency=args.concurrency, client=args.client))
     print(json.dumps(asdict(ceiling), indent=2))
 
 

@@ -549,6 +549,17 @@ async def test_fcm_ceiling_helper_sends_accepted_requests(
     assert len(fcm.ledger.accepted) == 60 and fcm.ledger.repeat_count == 0
 
 
+async def test_fcm_adapter_measure_sends_through_the_provider(
+    fcm: FakeFcm, tmp_path: Path
+) -> None:
+    from loadtest.fake_ceiling import measure_fcm_adapter
+
+    result = await measure_fcm_adapter(fcm.url, fcm.write_credentials(tmp_path / "sa.json"),
+                                       requests=40, concurrency=8)
+    assert result.errors == 0 and len(fcm.ledger.accepted) == 40
+    assert fcm.token_requests == 1
+
+
 async def test_fcm_under_failures_every_delivery_lands_once(fcm: FakeFcm, tmp_path: Path) -> None:
     """20% 503/429 and 4% hangs: retrying what is transient lands every key; a key is
     repeated only after a client-side timeout (the fake may have accepted it meanwhile)."""
