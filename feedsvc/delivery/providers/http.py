@@ -82,7 +82,10 @@ class AiohttpClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
-                timeout=aiohttp.ClientTimeout(total=self.timeout), trust_env=True)
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                # trust_env would look up ~/.netrc and the proxy variables on a thread for
+                # every request (two executor hops each): provider calls go direct.
+                trust_env=False)
         return self._session
 
     async def request(self, provider: str, method: str, url: str, *,
