@@ -123,9 +123,9 @@ class HttpxClient:
     def __init__(self, timeout: float) -> None:
         limits = httpx.Limits(max_connections=MAX_CONNECTIONS,
                               max_keepalive_connections=MAX_CONNECTIONS)
-        # trust_env stays on: HTTPS_PROXY / NO_PROXY are honoured.
+        # Direct, as the aiohttp session: proxy variables are not used.
         self.client = httpx.AsyncClient(http1=False, http2=True, timeout=httpx.Timeout(timeout),
-                                        limits=limits, follow_redirects=False)
+                                        limits=limits, follow_redirects=False, trust_env=False)
 
     async def request(self, provider: str, method: str, url: str, *,
                       headers: Mapping[str, str], json_body: Any = None,
