@@ -470,11 +470,15 @@ def test_smtp_urls() -> None:
 
 
 async def test_open_providers_builds_what_is_configured(
-    fcm: FakeFcm, tmp_path: Path
+    fcm: FakeFcm, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     nothing = open_providers(Settings())
     assert nothing.unconfigured_channels() == ["push", "sms", "email"]
     assert nothing.for_target("fcm") is None
+    with caplog.at_level("WARNING", logger="feedsvc.delivery.providers.registry"):
+        nothing.warn_unconfigured()
+    assert [r.getMessage().split()[1] for r in caplog.records] == ["push", "sms", "email"]
+    assert all("channel_not_configured" in r.getMessage() for r in caplog.records)
     await nothing.aclose()
 
     apns = FakeApns()
