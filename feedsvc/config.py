@@ -58,6 +58,26 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+def _http_url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", text):
+        raise ValueError("must be an http:// or https:// URL")
+    return text.rstrip("/")
+
+
+def _smtp_url(text: str) -> str:
+    if not re.fullmatch(r"smtps?://([^@/\s]+@)?[^/\s@?]+(:\d+)?/?(\?[^\s]*)?", text):
+        raise ValueError("use smtp://[user:pass@]host:port, smtps://... or ?starttls=true")
+    return text
+
+
+def _channels(text: str) -> tuple[str, ...]:
+    channels = _keys(text)
+    bad = [c for c in channels if c not in ("push", "sms", "email")]
+    if bad:
+        raise ValueError(f"unknown channel(s) {', '.join(bad)} (use push, sms, email)")
+    return channels
+
+
 def _hosts(text: str) -> tuple[str, ...]:
     hosts = tuple(h.strip() for h in text.split(",") if h.strip())
     for host in hosts:
@@ -195,6 +215,37 @@ _VARS: tuple[_Var, ...] = (
          "requests per service key, e.g. 1000/s (default: no limit)"),
     _Var("rate_limit_user", "FEEDSVC_RATE_LIMIT_USER", Rate.parse,
          "requests per user token's user, e.g. 20/s (default: no limit)"),
+    # Notification providers (feedsvc/delivery/providers/): a channel whose provider is not
+    # configured suppresses its deliveries with channel_not_configured.
+    _Var("fcm_project_id", "FEEDSVC_FCM_PROJECT_ID", str, "Firebase project id (push, FCM)"),
+    _Var("fcm_credentials", "FEEDSVC_FCM_CREDENTIALS", Path,
+         "path to the FCM service-account JSON file"),
+    _Var("fcm_url", "FEEDSVC_FCM_URL", _http_url,
+         "FCM base URL (default https://fcm.googleapis.com)"),
+    _Var("apns_key_file", "FEEDSVC_APNS_KEY_FILE", Path, "APNs signing key (.p8 file)"),
+    _Var("apns_key_id", "FEEDSVC_APNS_KEY_ID", str, "APNs key id"),
+    _Var("apns_team_id", "FEEDSVC_APNS_TEAM_ID", str, "Apple developer team id"),
+    _Var("apns_topic", "FEEDSVC_APNS_TOPIC", str, "APNs topic (the app's bundle id)"),
+    _Var("apns_url", "FEEDSVC_APNS_URL", _http_url,
+         "APNs base URL (default https://api.push.apple.com; http:// = HTTP/2 cleartext)"),
+    _Var("vapid_private_key", "FEEDSVC_VAPID_PRIVATE_KEY", str,
+         "Web Push VAPID key: the raw 32-byte P-256 private key, base64url"),
+    _Var("vapid_subject", "FEEDSVC_VAPID_SUBJECT", str,
+         "VAPID subject: mailto: or https: contact of the sender"),
+    _Var("sms_url", "FEEDSVC_SMS_URL", _http_url,
+         "Twilio-compatible SMS base URL (default https://api.twilio.com)"),
+    _Var("sms_account_sid", "FEEDSVC_SMS_ACCOUNT_SID", str, "SMS account SID"),
+    _Var("sms_auth_token", "FEEDSVC_SMS_AUTH_TOKEN", str, "SMS auth token"),
+    _Var("sms_from", "FEEDSVC_SMS_FROM", str, "sending number (E.164) or sender id"),
+    _Var("smtp_url", "FEEDSVC_SMTP_URL", _smtp_url,
+         "smtp://[user:pass@]host:port, smtps:// for implicit TLS, ?starttls=true"),
+    _Var("email_from", "FEEDSVC_EMAIL_FROM", str, "From address of notification emails"),
+    _Var("console_channels", "FEEDSVC_CONSOLE_CHANNELS", _channels,
+         "channels only logged, not sent (demo; comma list of push, sms, email)"),
+    _Var("provider_timeout", "FEEDSVC_PROVIDER_TIMEOUT", _positive_duration,
+         "timeout of one provider call (default 10s)"),
+    _Var("delivery_max_attempts", "FEEDSVC_DELIVERY_MAX_ATTEMPTS", _positive_int,
+         "provider calls per delivery before it is dead-lettered (default 8)"),
 )
 
 
@@ -236,6 +287,26 @@ class Settings:
     max_connections: int = 1024
     rate_limit_service: Rate | None = None
     rate_limit_user: Rate | None = None
+    # Notification providers: unset means that provider is not configured.
+    fcm_project_id: str | None = None
+    fcm_credentials: Path | None = None
+    fcm_url: str = "https://fcm.googleapis.com"
+    apns_key_file: Path | None = None
+    apns_key_id: str | None = None
+    apns_team_id: str | None = None
+    apns_topic: str | None = None
+    apns_url: str = "https://api.push.apple.com"
+    vapid_private_key: str | None = None
+    vapid_subject: str | None = None
+    sms_url: str = "https://api.twilio.com"
+    sms_account_sid: str | None = None
+    sms_auth_token: str | None = None
+    sms_from: str | None = None
+    smtp_url: str | None = None
+    email_from: str | None = None
+    console_channels: tuple[str, ...] = ()
+    provider_timeout: float = 10.0
+    delivery_max_attempts: int = 8
 
     @property
     def embedded(self) -> bool:
