@@ -104,18 +104,32 @@ Read user2's inbox (a mobile client, with user2's token):
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from feedsvc.delivery.providers.registry import open_providers
+    from feedsvc.queue.base import QUEUES
     from feedsvc.runtime import freeze_startup_heap, open_runtime
     from feedsvc.workers import run_workers
 
+    queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
+    unknown = [q for q in queues if q not in QUEUES]
+    if unknown or not queues:
+        raise ConfigError(f"--queues takes a comma list of {', '.join(QUEUES)}")
+    providers = open_providers(settings)
+    if set(queues) - {"fanout"}:
+        providers.warn_unconfigured()
+
     async def main() -> int:
-        async with open_runtime(settings) as rt:
-            freeze_startup_heap()
-            stop = asyncio.Event()
-            try:
-                done = await run_workers(rt, args.concurrency, stop, burst=args.burst)
-            finally:
-                stop.set()
-            log.info("worker processed %d entries", done)
+        try:
+            async with open_runtime(settings) as rt:
+                freeze_startup_heap()
+                stop = asyncio.Event()
+                try:
+                    done = await run_workers(rt, args.concurrency, stop, burst=args.burst,
+                                             queues=queues, providers=providers)
+                finally:
+                    stop.set()
+                log.info("worker processed %d entries", done)
+        finally:
+            await providers.aclose()
         return 0
 
     return _run(main())
@@ -263,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     api_p = command("api", "the HTTP API only (run `feedsvc worker` separately)",
                     lambda s, a: cmd_serve(s, a, workers=0))
     api_p.set_defaults(demo=False)
-    worker_p = command("worker", "fan-out workers", cmd_worker)
+    worker_p = command("worker", "fan-out and delivery workers", cmd_worker)
     worker_p.add_argument("--concurrency", type=_positive, default=4)
+    worker_p.add_argument("--queues", default="fanout,push,sms,email",
+                          help="the queues these consumers serve (default: all of them)")
     worker_p.add_argument("--burst", action="store_true",
                           help="drain the queue, then exit")
     command("migrate", "apply cql/NNN_*.cql to the keyspace", cmd_migrate,

@@ -32,6 +32,7 @@ from feedsvc.model import (
     Event,
     FanoutTask,
     InboxItem,
+    NotifyTask,
     UnmergeTask,
 )
 from feedsvc.runtime import Runtime
@@ -67,6 +68,10 @@ async def fan_out(rt: Runtime, event: Event) -> int:
                 written = await deliver_pull(rt, item, ttl)
             else:
                 written = await deliver_push(rt, item, ttl)
+        if event.notify is not None:
+            # Notifications go out once the event is in every inbox (a first page; the
+            # notify fan-out pages on from there: feedsvc/delivery/notify.py).
+            await rt.queue.enqueue(event.priority, Envelope(NotifyTask(event), rt.now_ms()))
     await rt.outbox.settle(event.event_id, event.accepted_at, max(1, ttl))
     return written
 

@@ -34,6 +34,7 @@ from feedsvc.model import (
     MAX_AUDIENCE,
     MAX_BULK_FOLLOWS,
     MAX_FUTURE_MS,
+    MAX_NOTIFY_DATA_BYTES,
     MAX_PAYLOAD_BYTES,
     OBJECT_ID_MAX,
     RFC3339_PATTERN,
@@ -42,6 +43,7 @@ from feedsvc.model import (
     Event,
     EventIn,
     FanoutTask,
+    NotifyIn,
     Route,
 )
 from feedsvc.runtime import Runtime
@@ -201,7 +203,19 @@ def validate(event: EventIn, now_ms: int, retention_ms: int) -> int:
     if created_at > now_ms + MAX_FUTURE_MS:
         raise Unprocessable("created_at is more than 5 minutes in the future",
                             code="in_future", field="created_at")
+    if event.notify is not None:
+        check_notify(event.notify)
     return created_at
+
+
+def check_notify(notify: NotifyIn) -> None:
+    """Exactly one of ``template`` and ``message``; ``data`` at most 4 KiB encoded."""
+    if (notify.template is None) == (notify.message is None):
+        raise Unprocessable("notify needs exactly one of template and message",
+                            code="invalid_field", field="notify")
+    if len(msgspec.json.encode(notify.data)) > MAX_NOTIFY_DATA_BYTES:
+        raise Unprocessable(f"notify.data is larger than {MAX_NOTIFY_DATA_BYTES} bytes "
+                            "encoded", code="payload_too_large", field="notify.data")
 
 
 async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
@@ -220,7 +234,12 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
         payload=msgspec.json.encode(incoming.payload).decode(), route=route,
         accepted_at=now, body_hash=body_hash, object_id=incoming.object_id,
         audience=list(dict.fromkeys(incoming.audience.users)) if incoming.audience else None,
+        notify=incoming.notify,
     )
+    template = incoming.notify.template if incoming.notify else None
+    if template is not None and await rt.delivery.templates.template(template) is None:
+        raise Unprocessable(f"no template named {template!r}", code="unknown_template",
+                            field="notify.template")
     ttl = rt.ttl_left_s(created_at, now)
     if ttl < 1:
         raise Unprocessable("created_at is older than the inbox retention", code="too_old",

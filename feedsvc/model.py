@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 Priority = Literal["high", "medium", "low"]
+Channel = Literal["push", "sms", "email"]
 Route = Literal["push", "pull", "direct"]
 Mode = Literal["push", "pull"]
 PRIORITIES: tuple[Priority, ...] = ("high", "medium", "low")  # drain order
@@ -68,6 +69,30 @@ CreatedAtText = Annotated[str, msgspec.Meta(pattern=RFC3339_PATTERN,
 CreatedAtMs = Annotated[int, msgspec.Meta(ge=0, le=EPOCH_MS_MAX, description="epoch ms")]
 Payload = Annotated[dict[str, Any], msgspec.Meta(
     description=f"any JSON object, at most {MAX_PAYLOAD_BYTES} bytes encoded")]
+MAX_NOTIFY_DATA_BYTES = 4 * 1024
+TEMPLATE_NAME_PATTERN = _whole(r"[A-Za-z0-9._-]{1,64}")
+TemplateName = Annotated[str, msgspec.Meta(pattern=TEMPLATE_NAME_PATTERN, min_length=1,
+                                           max_length=64)]
+
+
+class MessageIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A notification's text given inline (instead of a template)."""
+
+    title: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    body: Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+class NotifyIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``notify`` of ``POST /v1/events``: notify the event's audience on these channels, with
+    a stored template or an inline message (exactly one)."""
+
+    channels: Annotated[list[Channel], msgspec.Meta(min_length=1, max_length=3)]
+    template: TemplateName | None = None
+    message: MessageIn | None = None
+    data: Annotated[dict[str, Any], msgspec.Meta(
+        description=f"template variables, at most {MAX_NOTIFY_DATA_BYTES} bytes "
+                    "encoded")] = msgspec.field(default_factory=dict)
+    critical: bool = False
 
 
 class Audience(msgspec.Struct, forbid_unknown_fields=True):
@@ -85,6 +110,7 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     priority: Priority = "medium"
     object_id: ObjectId | None = None
     audience: Audience | None = None
+    notify: NotifyIn | None = None
 
 
 class FollowIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -112,6 +138,7 @@ class Event(msgspec.Struct, frozen=True):
     body_hash: str
     object_id: str | None = None
     audience: list[str] | None = None
+    notify: NotifyIn | None = None  # notify.data kept as decoded JSON
 
 
 class InboxItem(msgspec.Struct, frozen=True):
@@ -161,7 +188,28 @@ class UnmergeTask(msgspec.Struct, tag="unmerge", frozen=True):
     pairs: list[tuple[str, str]]
 
 
-Task = FanoutTask | BackfillTask | UnmergeTask
+class NotifyTask(msgspec.Struct, tag="notify", frozen=True):
+    """Notify one page of the event's audience, from ``after`` (a followers-page
+    continuation, or for a direct event the index into its audience), then queue the next
+    page's task: a page at a time, resumable, with bounded memory."""
+
+    event: Event
+    after: str | None = None
+
+
+class ChannelTask(msgspec.Struct, tag="channel", frozen=True):
+    """One recipient's notification on one channel (``feedsvc/delivery/send.py``): every
+    active target of the channel, or with ``target`` just that one (a scheduled retry)."""
+
+    event: Event
+    user_id: str
+    channel: Channel
+    locale: str = "en"
+    target: str | None = None
+    attempt: int = 0  # provider calls already made for ``target``
+
+
+Task = FanoutTask | BackfillTask | UnmergeTask | NotifyTask | ChannelTask
 
 
 class Envelope(msgspec.Struct, frozen=True):

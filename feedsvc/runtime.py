@@ -13,10 +13,12 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from feedsvc.clock import now_ms
 from feedsvc.config import Settings
 from feedsvc.delivery.recipients import Recipients
+from feedsvc.delivery.state import DeliveryState
 from feedsvc.queue.base import Queue
 from feedsvc.store.base import BackendStore, Outbox, Store
 
@@ -72,6 +74,7 @@ class Runtime:
     queue: Queue
     outbox: Outbox  # both stores implement it beside ``Store``: pass the same object
     recipients: Recipients  # delivery: devices, contacts, preferences
+    delivery: DeliveryState  # delivery: templates, the delivery log, send-once claims
     pull_set: PullSetCache = field(default_factory=PullSetCache)
     health: WorkerHealth = field(default_factory=lambda: WorkerHealth())
 
@@ -106,6 +109,36 @@ async def open_store(settings: Settings) -> BackendStore:
         request_timeout=settings.request_timeout, consistency=settings.consistency,
         serial_consistency=settings.serial_consistency,
     )
+
+
+async def open_delivery(store: BackendStore, queue: Queue) -> DeliveryState:
+    """Templates and the delivery log beside ``store``, send-once claims beside ``queue``."""
+    from feedsvc.queue.redis import RedisQueue
+    from feedsvc.store.cassandra import CassandraStore
+
+    templates_and_log: Any
+    once: Any
+    if isinstance(store, CassandraStore):
+        from feedsvc.store.delivery_cassandra import CassandraDeliveryStore
+
+        templates_and_log = await CassandraDeliveryStore.open(store)
+    else:
+        from feedsvc.store.delivery_sqlite import SqliteDeliveryStore
+        from feedsvc.store.sqlite import SqliteStore
+
+        assert isinstance(store, SqliteStore)
+        templates_and_log = await SqliteDeliveryStore.open(store)
+    if isinstance(queue, RedisQueue):
+        from feedsvc.queue.sendonce_redis import RedisSendOnce
+
+        once = RedisSendOnce(queue)
+    else:
+        from feedsvc.queue.embedded import EmbeddedQueue
+        from feedsvc.queue.sendonce_sqlite import SqliteSendOnce
+
+        assert isinstance(queue, EmbeddedQueue)
+        once = await SqliteSendOnce.open(queue)
+    return DeliveryState(templates_and_log, templates_and_log, once)
 
 
 async def open_recipients(store: BackendStore) -> Recipients:
@@ -150,7 +183,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         recipients = await open_recipients(store)
         queue = await open_queue(settings)
         try:
-            yield Runtime(settings, store, queue, outbox=store, recipients=recipients)
+            delivery = await open_delivery(store, queue)
+            yield Runtime(settings, store, queue, outbox=store, recipients=recipients,
+                          delivery=delivery)
         finally:
             await queue.close()
     finally:

@@ -22,12 +22,14 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from feedsvc import fanout
+from feedsvc.delivery import notify, send
+from feedsvc.delivery.providers.registry import Providers
 from feedsvc.errors import RetryableError
-from feedsvc.model import FanoutTask
-from feedsvc.queue.base import Delivery
+from feedsvc.model import ChannelTask, Envelope, FanoutTask, NotifyTask
+from feedsvc.queue.base import QUEUES, Delivery, QueueName
 from feedsvc.runtime import Runtime
 from feedsvc.sweeper import Sweeper
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 5.0  # so work resumes within seconds of a dependency answering again
 LOG_EVERY = 10  # a task retrying for long logs its 1st, 10th, 20th, ... failure
+NO_PROVIDERS = Providers({})  # every delivery suppressed: channel_not_configured
 
 
 def backoff(attempt: int, rng: random.Random | None = None) -> float:
@@ -73,15 +76,30 @@ async def until_done(what: str, step: Callable[[], Awaitable[None]], stop: async
             return False
 
 
+async def handle(rt: Runtime, envelope: Envelope, providers: Providers,
+                 holder: str) -> None:
+    """One task, by kind: a channel delivery, a page of a notify fan-out, or fan-out work."""
+    task = envelope.task
+    if isinstance(task, ChannelTask):
+        await send.deliver(rt, task, providers, holder)
+    elif isinstance(task, NotifyTask):
+        await notify.notify_page(rt, task)
+    else:
+        await fanout.handle(rt, envelope)
+
+
 async def process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None = None,
-                  beat: Callable[[], None] = lambda: None) -> None:
+                  beat: Callable[[], None] = lambda: None,
+                  providers: Providers | None = None, holder: str = "") -> None:
     """Run one entry to completion: acknowledged, or dead-lettered with a reason. When
     ``stop`` is set first the entry is left pending, for another consumer to take over."""
     stop = stop or asyncio.Event()
     what = f"task {delivery.entry_id}"
+    chosen = providers or NO_PROVIDERS
+    holder = holder or consumer_name()
     try:
-        if not await until_done(what, lambda: fanout.handle(rt, delivery.envelope), stop,
-                                beat):
+        if not await until_done(what, lambda: handle(rt, delivery.envelope, chosen, holder),
+                                stop, beat):
             return
     except Exception as exc:  # a bug or bad data: retrying cannot help
         log.exception("%s failed permanently; dead-lettered", what)
@@ -103,7 +121,9 @@ async def _dead_letter(rt: Runtime, delivery: Delivery, detail: str) -> None:
 
 
 async def run_consumer(rt: Runtime, name: str, stop: asyncio.Event, *,
-                       burst: bool = False, block_s: float = 1.0) -> int:
+                       burst: bool = False, block_s: float = 1.0,
+                       queues: Sequence[QueueName] = QUEUES,
+                       providers: Providers | None = None) -> int:
     """Claim and process until ``stop`` is set (or, in burst mode, the queue is empty).
     Returns how many entries were processed. Nothing but cancellation ends it early."""
     done = 0
@@ -115,12 +135,12 @@ async def run_consumer(rt: Runtime, name: str, stop: asyncio.Event, *,
     while not stop.is_set():
         beat()
         try:
-            delivery = await rt.queue.claim(name, 0.05 if burst else block_s)
+            delivery = await rt.queue.claim(name, 0.05 if burst else block_s, queues)
             if delivery is None:
                 if burst:
                     return done
             else:
-                await process(rt, delivery, stop, beat)
+                await process(rt, delivery, stop, beat, providers, name)
                 done += 1
             if failures:
                 log.info("consumer %s: queue available again", name)
@@ -137,7 +157,8 @@ async def run_consumer(rt: Runtime, name: str, stop: asyncio.Event, *,
 
 
 async def run_workers(rt: Runtime, concurrency: int, stop: asyncio.Event, *,
-                      burst: bool = False) -> int:
+                      burst: bool = False, queues: Sequence[QueueName] = QUEUES,
+                      providers: Providers | None = None) -> int:
     """Run ``concurrency`` consumers in this process (and, unless in burst mode, the
     outbox sweeper) until ``stop`` (or drained, in burst).
 
@@ -148,7 +169,8 @@ async def run_workers(rt: Runtime, concurrency: int, stop: asyncio.Event, *,
     went into retry back-off until the event loop closed). ``stop`` covers a consumer whose
     cancellation a library swallowed: it leaves at its next claim."""
     rt.health.expected += concurrency
-    consumers = [asyncio.ensure_future(run_consumer(rt, consumer_name(i), stop, burst=burst))
+    consumers = [asyncio.ensure_future(run_consumer(rt, consumer_name(i), stop, burst=burst,
+                                                    queues=queues, providers=providers))
                  for i in range(concurrency)]
     helpers = [] if burst else [
         asyncio.ensure_future(Sweeper(rt, consumer_name()).run(stop))]
@@ -166,6 +188,8 @@ async def run_workers(rt: Runtime, concurrency: int, stop: asyncio.Event, *,
         rt.health.expected -= concurrency
 
 
-async def drain(rt: Runtime, concurrency: int = 4) -> int:
+async def drain(rt: Runtime, concurrency: int = 4, providers: Providers | None = None,
+                queues: Sequence[QueueName] = QUEUES) -> int:
     """Process everything queued now and return (burst mode, for tests and the CLI)."""
-    return await run_workers(rt, concurrency, asyncio.Event(), burst=True)
+    return await run_workers(rt, concurrency, asyncio.Event(), burst=True, queues=queues,
+                             providers=providers)

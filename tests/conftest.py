@@ -23,7 +23,7 @@ from feedsvc.config import Settings
 from feedsvc.migrate import migrate
 from feedsvc.queue.embedded import EmbeddedQueue
 from feedsvc.queue.redis import RedisQueue
-from feedsvc.runtime import Runtime
+from feedsvc.runtime import Runtime, open_delivery
 from feedsvc.store.cassandra import CassandraStore, connect_cluster
 from feedsvc.store.recipients_cassandra import CassandraRecipients
 from feedsvc.store.recipients_sqlite import SqliteRecipients
@@ -159,9 +159,11 @@ async def make_runtime(
             opened.append(queue.close)
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
             return Runtime(settings, store, queue, outbox=store,
-                           recipients=cassandra_recipients)
+                           recipients=cassandra_recipients,
+                           delivery=await open_delivery(store, queue))
         opened.append(queue.close)
-        return Runtime(settings, store, queue, outbox=store, recipients=recipients)
+        return Runtime(settings, store, queue, outbox=store, recipients=recipients,
+                       delivery=await open_delivery(store, queue))
 
     yield factory
     for close in reversed(opened):

@@ -106,7 +106,8 @@ async def test_sharded_streams_keep_priority_order_and_dead_letters(
     for priority, tag in plan:
         await queue.enqueue(priority, envelope(tag, now))
     await queue.enqueue("low", envelope("stale", now - 120_000))
-    used = [await queue.redis.xlen(queue.stream_keys[shard, "high"]) for shard in range(3)]
+    used = [await queue.redis.xlen(queue.stream_keys[shard, "fanout", "high"])
+            for shard in range(3)]
     assert sum(used) == 12 and sum(1 for n in used if n) >= 2  # spread over the shards
     got = []
     while (delivery := await queue.claim("c", 0.05)) is not None:
@@ -123,3 +124,36 @@ async def test_sharded_streams_keep_priority_order_and_dead_letters(
     assert delivery is not None and tag_of(delivery.envelope) == "stale"
     await queue.ack(delivery)
     assert (await queue.stats()).depth == {"high": 0, "medium": 0, "low": 0}
+
+
+async def test_channel_queues_are_served_apart(runtime: Runtime) -> None:
+    queue, now = runtime.queue, runtime.now_ms()
+    await queue.enqueue("low", envelope("fan", now))
+    await queue.enqueue_many("push", "high", [envelope(f"p{i}", now) for i in range(3)])
+    await queue.enqueue("medium", envelope("mail", now), queue="email")
+    stats = await queue.stats()
+    assert stats.queued == {"fanout": 1, "push": 3, "sms": 0, "email": 1}
+    assert stats.depth == {"high": 0, "medium": 0, "low": 1}  # the fan-out queue's
+    only_email = await queue.claim("c", 0.05, ("email",))
+    assert only_email is not None and only_email.queue == "email"
+    await queue.ack(only_email)
+    got = []
+    while (delivery := await queue.claim("c", 0.05, ("fanout", "push"))) is not None:
+        got.append((delivery.queue, tag_of(delivery.envelope)))
+        await queue.ack(delivery)
+    assert got == [("push", "p0"), ("push", "p1"), ("push", "p2"), ("fanout", "fan")]
+
+
+async def test_a_scheduled_entry_waits_for_its_time(runtime: Runtime) -> None:
+    queue, now = runtime.queue, runtime.now_ms()
+    await queue.schedule("sms", "high", envelope("later", now), now + 600)
+    assert (await queue.stats()).scheduled == 1
+    assert await queue.claim("c", 0.05, ("sms",)) is None
+    await asyncio.sleep(0.7)
+    await queue.move_due()
+    delivery = await queue.claim("c", 0.5, ("sms",))
+    assert delivery is not None and tag_of(delivery.envelope) == "later"
+    assert delivery.queue == "sms"
+    await queue.ack(delivery)
+    stats = await queue.stats()
+    assert (stats.scheduled, stats.queued["sms"]) == (0, 0)

@@ -175,8 +175,12 @@ def _workers_ctx(
     rt: Runtime, workers: int
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from feedsvc.delivery.providers.registry import open_providers
+
+        providers = open_providers(rt.settings)
+        providers.warn_unconfigured()
         stop = asyncio.Event()
-        task = asyncio.create_task(run_workers(rt, workers, stop))
+        task = asyncio.create_task(run_workers(rt, workers, stop, providers=providers))
 
         def ended(done: asyncio.Task[int]) -> None:
             if stop.is_set() or done.cancelled():
@@ -194,6 +198,8 @@ def _workers_ctx(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        finally:
+            await providers.aclose()
 
     return ctx
 

@@ -1,5 +1,11 @@
 """The queue port: priority streams with consumer groups, at-least-once.
 
+There are four queues, each with its three priority streams: ``fanout`` (fan-out,
+backfill, unmerge and notify fan-out tasks) and one per delivery channel (``push``,
+``sms``, ``email``), so that a slow provider never holds up inboxes; a consumer serves the
+queues it is given. A task can also be scheduled for later (a delivery's retry): it joins
+its stream when due.
+
 An entry stays pending until ``ack``; an entry whose consumer died is handed to another
 consumer once it has been idle for ``claim_idle`` seconds. ``claim`` returns high before
 medium before low. Low entries older than ``low_max_age`` are not returned: they are shed
@@ -11,11 +17,16 @@ Two implementations pass one contract suite: ``RedisQueue`` (Redis Streams) and
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import msgspec
 
 from feedsvc.model import Envelope, Priority
+
+QueueName = Literal["fanout", "push", "sms", "email"]
+QUEUES: tuple[QueueName, ...] = ("fanout", "push", "sms", "email")
+FANOUT: tuple[QueueName, ...] = ("fanout",)
 
 
 class Delivery(msgspec.Struct, frozen=True):
@@ -23,6 +34,7 @@ class Delivery(msgspec.Struct, frozen=True):
     entry_id: str
     envelope: Envelope
     shard: int = 0  # which of the priority's streams holds it (Redis, FEEDSVC_QUEUE_SHARDS)
+    queue: QueueName = "fanout"
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -33,12 +45,15 @@ class DeadLetter(msgspec.Struct, frozen=True):
     failed_at: int
     envelope: Envelope
     dlq_id: str = ""  # its id in the dead-letter stream (filled in when read)
+    queue: QueueName = "fanout"  # where a replay puts it back
 
 
 class QueueStats(msgspec.Struct, frozen=True):
-    depth: dict[str, int]  # entries not yet acknowledged, per priority
+    depth: dict[str, int]  # fan-out entries not yet acknowledged, per priority
     dead_letters: int
     shed: int
+    queued: dict[str, int] = msgspec.field(default_factory=dict)  # per queue, every priority
+    scheduled: int = 0  # entries waiting for their time
 
 
 class Queue(Protocol):
@@ -46,16 +61,32 @@ class Queue(Protocol):
 
     async def close(self) -> None: ...
 
-    async def enqueue(self, priority: Priority, envelope: Envelope) -> str: ...
+    async def enqueue(self, priority: Priority, envelope: Envelope,
+                      queue: QueueName = "fanout") -> str: ...
 
-    async def claim(self, consumer: str, block_s: float) -> Delivery | None:
-        """The next entry for ``consumer`` (highest priority first), waiting up to
-        ``block_s`` seconds; None when there is nothing to do."""
+    async def enqueue_many(self, queue: QueueName, priority: Priority,
+                           envelopes: Sequence[Envelope]) -> None:
+        """Several entries in one round trip (not atomically: each is at-least-once)."""
+
+    async def schedule(self, queue: QueueName, priority: Priority, envelope: Envelope,
+                       due_ms: int) -> None:
+        """Queue ``envelope`` once ``due_ms`` (epoch ms) has come (a waiting retry)."""
+
+    async def claim(self, consumer: str, block_s: float,
+                    queues: Sequence[QueueName] = FANOUT) -> Delivery | None:
+        """The next entry of ``queues`` for ``consumer`` (highest priority first, then the
+        queues in the order given), waiting up to ``block_s`` seconds; None when there is
+        nothing to do."""
 
     async def ack(self, delivery: Delivery) -> None: ...
 
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Record the entry in the dead-letter stream and acknowledge it."""
+
+    async def bury(self, queue: QueueName, priority: Priority, envelope: Envelope,
+                   reason: str, detail: str) -> None:
+        """Record a task in the dead letters without it being a queue entry (one target of
+        a channel task that failed for good)."""
 
     async def dead_letters(self, limit: int, before: str | None = None) -> list[DeadLetter]:
         """The newest dead letters first, older than ``before`` (a ``dlq_id``) if given."""
@@ -70,13 +101,18 @@ class Queue(Protocol):
 
     # --- for the outbox sweeper -----------------------------------------------------------
 
-    async def oldest_queued_ms(self, priority: Priority) -> int | None:
+    async def oldest_queued_ms(self, priority: Priority,
+                               queue: QueueName = "fanout") -> int | None:
         """When the oldest entry still in ``priority``'s stream (pending or not) was queued,
         in epoch ms by the queue's clock; None when the stream is empty."""
 
     async def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take or renew the lease ``name`` for ``holder`` for ``ttl_s`` seconds; False when
         another holder has it."""
+
+    async def move_due(self, now: int | None = None) -> int:
+        """Make scheduled entries whose time has come claimable; claims do this too, a few
+        times a second, so calling it is only needed to hurry (tests)."""
 
     async def prune_consumers(self, idle_s: float) -> int:
         """Forget consumers idle for ``idle_s`` that hold no pending entry; returns how

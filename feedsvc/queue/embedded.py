@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import msgspec
 
 from feedsvc.clock import now_ms
 from feedsvc.model import PRIORITIES, Envelope, Priority, decode_envelope, encode_envelope
-from feedsvc.queue.base import DeadLetter, Delivery, QueueStats
+from feedsvc.queue.base import FANOUT, QUEUES, DeadLetter, Delivery, QueueName, QueueStats
 from feedsvc.sqlite_file import SqliteFile
 
 _SCHEMA = """
@@ -56,26 +57,53 @@ class EmbeddedQueue(SqliteFile):
     def _open(self) -> None:
         super()._open()
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}
-        if "queued_at" not in columns:  # a file made by an older version
-            self.db.execute("ALTER TABLE entries ADD COLUMN queued_at INTEGER")
+        for column, kind in (("queued_at", "INTEGER"), ("queue", "TEXT NOT NULL DEFAULT "
+                                                        "'fanout'"), ("due_at", "INTEGER")):
+            if column not in columns:  # a file made by an older version
+                self.db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+        self.db.execute("CREATE INDEX IF NOT EXISTS entries_by_queue ON entries "
+                        "(queue, priority, id)")
         # One process owns the file: claims left by a previous one are released at once.
         self.db.execute("UPDATE entries SET consumer = NULL, claimed_at = NULL")
 
-    async def enqueue(self, priority: Priority, envelope: Envelope) -> str:
+    async def enqueue(self, priority: Priority, envelope: Envelope,
+                      queue: QueueName = "fanout") -> str:
         cur = await self._run(
             self.db.execute,
-            "INSERT INTO entries (priority, body, queued_at) VALUES (?, ?, ?)",
-            (PRIORITIES.index(priority), encode_envelope(envelope), now_ms()),
+            "INSERT INTO entries (priority, body, queued_at, queue) VALUES (?, ?, ?, ?)",
+            (PRIORITIES.index(priority), encode_envelope(envelope), now_ms(), queue),
         )
         self._wakeup.set()
         return str(cur.lastrowid)
 
-    def _claim_one(self, consumer: str) -> Delivery | None:
+    async def enqueue_many(self, queue: QueueName, priority: Priority,
+                           envelopes: Sequence[Envelope]) -> None:
+        rows = [(PRIORITIES.index(priority), encode_envelope(e), now_ms(), queue, None)
+                for e in envelopes]
+        await self._insert(rows)
+
+    async def schedule(self, queue: QueueName, priority: Priority, envelope: Envelope,
+                       due_ms: int) -> None:
+        await self._insert([(PRIORITIES.index(priority), encode_envelope(envelope), now_ms(),
+                             queue, due_ms)])
+
+    async def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        def insert() -> None:
+            with self.db:
+                self.db.executemany("INSERT INTO entries (priority, body, queued_at, queue, "
+                                    "due_at) VALUES (?, ?, ?, ?, ?)", rows)
+
+        await self._run(insert)
+        self._wakeup.set()
+
+    def _claim_one(self, consumer: str, queues: Sequence[QueueName]) -> Delivery | None:
         now = now_ms()
+        marks = ",".join("?" * len(queues))
         with self.db:
             row = self.db.execute(
-                "SELECT id, priority, body FROM entries WHERE consumer IS NULL "
-                "OR claimed_at < ? ORDER BY priority, id LIMIT 1", (now - self.claim_idle_ms,),
+                f"SELECT id, priority, body, queue FROM entries WHERE queue IN ({marks}) "
+                "AND (due_at IS NULL OR due_at <= ?) AND (consumer IS NULL OR claimed_at < ?) "
+                "ORDER BY priority, id LIMIT 1", (*queues, now, now - self.claim_idle_ms),
             ).fetchone()
             if row is None:
                 return None
@@ -83,13 +111,14 @@ class EmbeddedQueue(SqliteFile):
                 "UPDATE entries SET consumer = ?, claimed_at = ? WHERE id = ?",
                 (consumer, now, row[0]),
             )
-        return Delivery(PRIORITIES[row[1]], str(row[0]), decode_envelope(row[2]))
+        return Delivery(PRIORITIES[row[1]], str(row[0]), decode_envelope(row[2]), 0, row[3])
 
-    async def claim(self, consumer: str, block_s: float) -> Delivery | None:
+    async def claim(self, consumer: str, block_s: float,
+                    queues: Sequence[QueueName] = FANOUT) -> Delivery | None:
         deadline = time.monotonic() + block_s
         while True:
             self._wakeup.clear()
-            delivery = await self._run(self._claim_one, consumer)
+            delivery = await self._run(self._claim_one, consumer, queues)
             if delivery is not None:
                 if (delivery.priority == "low"
                         and now_ms() - delivery.envelope.enqueued_at > self.low_max_age_ms):
@@ -117,7 +146,7 @@ class EmbeddedQueue(SqliteFile):
 
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         record = DeadLetter(delivery.entry_id, delivery.priority, reason, detail[:1000],
-                            now_ms(), delivery.envelope)
+                            now_ms(), delivery.envelope, queue=delivery.queue)
 
         def move() -> None:
             with self.db:
@@ -127,6 +156,13 @@ class EmbeddedQueue(SqliteFile):
                 self.db.execute("DELETE FROM entries WHERE id = ?", (int(delivery.entry_id),))
 
         await self._run(move)
+
+    async def bury(self, queue: QueueName, priority: Priority, envelope: Envelope,
+                   reason: str, detail: str) -> None:
+        record = DeadLetter("", priority, reason, detail[:1000], now_ms(), envelope,
+                            queue=queue)
+        await self._run(self.db.execute, "INSERT INTO dead_letters (body) VALUES (?)",
+                        (msgspec.msgpack.encode(record),))
 
     def _letters(self, rows: list[Any]) -> list[DeadLetter]:
         return [msgspec.structs.replace(_letter_decoder.decode(body), dlq_id=str(dlq_id))
@@ -162,8 +198,9 @@ class EmbeddedQueue(SqliteFile):
                 if gone.rowcount != 1:
                     return False
                 self.db.execute(
-                    "INSERT INTO entries (priority, body, queued_at) VALUES (?, ?, ?)",
-                    (PRIORITIES.index(letter.priority), encode_envelope(envelope), now_ms()))
+                    "INSERT INTO entries (priority, body, queued_at, queue) VALUES (?, ?, ?, ?)",
+                    (PRIORITIES.index(letter.priority), encode_envelope(envelope), now_ms(),
+                     letter.queue))
                 return True
 
         moved = await self._run(move)
@@ -172,10 +209,11 @@ class EmbeddedQueue(SqliteFile):
 
     # --- for the outbox sweeper -----------------------------------------------------------
 
-    async def oldest_queued_ms(self, priority: Priority) -> int | None:
+    async def oldest_queued_ms(self, priority: Priority,
+                               queue: QueueName = "fanout") -> int | None:
         row = await self._run(lambda: self.db.execute(
-            "SELECT id, queued_at, body FROM entries WHERE priority = ? ORDER BY id LIMIT 1",
-            (PRIORITIES.index(priority),)).fetchone())
+            "SELECT id, queued_at, body FROM entries WHERE queue = ? AND priority = ? "
+            "ORDER BY id LIMIT 1", (queue, PRIORITIES.index(priority))).fetchone())
         if row is None:
             return None
         return int(row[1]) if row[1] is not None else decode_envelope(row[2]).enqueued_at
@@ -186,17 +224,29 @@ class EmbeddedQueue(SqliteFile):
     async def prune_consumers(self, idle_s: float) -> int:
         return 0  # consumers are not registered anywhere
 
+    async def move_due(self, now: int | None = None) -> int:
+        return 0  # a scheduled entry is claimable in place once due
+
     async def stats(self) -> QueueStats:
         def query() -> QueueStats:
             depth: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
-            for prio, count in self.db.execute(
-                "SELECT priority, count(*) FROM entries GROUP BY priority"
+            queued: dict[str, int] = dict.fromkeys(QUEUES, 0)
+            scheduled = 0
+            for queue, prio, waiting, count in self.db.execute(
+                "SELECT queue, priority, due_at > ?, count(*) FROM entries "
+                "GROUP BY queue, priority, due_at > ?", (now_ms(), now_ms())
             ):
-                depth[PRIORITIES[prio]] = int(count)
+                if waiting:
+                    scheduled += int(count)
+                    continue
+                queued[queue] = queued.get(queue, 0) + int(count)
+                if queue == "fanout":
+                    depth[PRIORITIES[prio]] += int(count)
             dlq = self.db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
             shed = self.db.execute("SELECT value FROM counters WHERE name = 'shed'").fetchone()
             return QueueStats(depth=depth, dead_letters=int(dlq),
-                              shed=int(shed[0]) if shed else 0)
+                              shed=int(shed[0]) if shed else 0, queued=queued,
+                              scheduled=scheduled)
 
         return await self._run(query)
 

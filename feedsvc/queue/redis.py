@@ -21,7 +21,7 @@ Consumer group ``fanout``. A consumer first reclaims entries idle for ``claim_id
 (XAUTOCLAIM: their consumer died), then reads new entries in priority order; when all are
 empty it blocks on its home shard's streams.
 
-Every Redis error becomes ``RetryableError`` in one place (``_redis_errors``). The client
+Every Redis error becomes ``RetryableError`` in one place (``redis_errors``). The client
 fails fast: a request unanswered within ``request_timeout`` fails, a broken connection is
 retried once, and pooled connections are health-checked, so a restarted Redis is used
 again at once. A Redis that lost its data has its consumer groups created again.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import count
 from typing import Any
@@ -47,12 +47,24 @@ from redis.exceptions import RedisError, ResponseError
 from feedsvc.clock import now_ms
 from feedsvc.errors import RetryableError
 from feedsvc.model import PRIORITIES, Envelope, Priority, decode_envelope, encode_envelope
-from feedsvc.queue.base import DeadLetter, Delivery, QueueStats
+from feedsvc.queue.base import FANOUT, QUEUES, DeadLetter, Delivery, QueueName, QueueStats
 
 GROUP = "fanout"
 MAX_CONNECTIONS = 256  # per process: each consumer holds one while it blocks on a read
 _FIELD = b"e"
 _RAW = b"raw"
+MOVE_EVERY_S = 0.25  # how often a process moves due scheduled entries to their streams
+# Moves up to ARGV[2] members of the schedule KEYS[1] due at ARGV[1] (epoch ms) to their
+# streams; a member is "<stream key>|<entry>", the stream in the schedule's slot.
+_MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do
+  local cut = string.find(member, '|', 1, true)
+  redis.call('XADD', string.sub(member, 1, cut - 1), '*', 'e', string.sub(member, cut + 1))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
 _DLQ_ID = re.compile(r"^(?:(\d{1,4}):)?(\d{1,20}-\d{1,20})$")
 # Takes a lease that is free, or renews it for the holder that has it.
 _RENEW = """
@@ -66,7 +78,7 @@ return 0
 
 
 @contextmanager
-def _redis_errors() -> Iterator[None]:
+def redis_errors() -> Iterator[None]:
     """The adapter's one exception map: Redis is (briefly) unavailable -> RetryableError."""
     try:
         yield
@@ -99,21 +111,28 @@ class RedisQueue:
         self.low_max_age_ms = int(low_max_age * 1000)
         self.shards = shards
         self.tagged = cluster or shards > 1
-        self.stream_keys = {(shard, p): self._key(shard, p)
-                            for shard in range(shards) for p in PRIORITIES}
+        self.stream_keys = {(shard, q, p): self._stream(shard, q, p)
+                            for shard in range(shards) for q in QUEUES for p in PRIORITIES}
         self.dlq_keys = [self._key(shard, "dlq") for shard in range(shards)]
-        self.streams = {p: self.stream_keys[0, p] for p in PRIORITIES}  # shard 0's
+        self.scheduled_keys = [self._key(shard, "scheduled") for shard in range(shards)]
+        self.streams = {p: self.stream_keys[0, "fanout", p] for p in PRIORITIES}  # shard 0's
         self.shed_key = f"{prefix}:stats:shed"
-        self._by_key = {key: sp for sp, key in self.stream_keys.items()}
+        self._by_key = {key: sqp for sqp, key in self.stream_keys.items()}
+        self._last_move = 0.0
         self._buffer: dict[str, list[Delivery]] = {}
         self._last_reclaim: dict[str, float] = {}
         self._home: dict[str, int] = {}
         self._next_home = count()
 
     def _key(self, shard: int, name: str) -> str:
-        if not self.tagged:
-            return f"{self.prefix}:dlq" if name == "dlq" else f"{self.prefix}:q:{name}"
-        return f"{self.prefix}:{{q{shard}}}:{name}"
+        """A shard's dead-letter stream or schedule."""
+        return f"{self.prefix}:{{q{shard}}}:{name}" if self.tagged else f"{self.prefix}:{name}"
+
+    def _stream(self, shard: int, queue: QueueName, priority: Priority) -> str:
+        """A stream's key; the fan-out queue keeps the names it had before the channel
+        queues (``{prefix}:q:high``)."""
+        name = priority if queue == "fanout" else f"{queue}:{priority}"
+        return f"{self.prefix}:{{q{shard}}}:{name}" if self.tagged else f"{self.prefix}:q:{name}"
 
     @classmethod
     async def open(cls, url: str, *, request_timeout: float = 5.0, cluster: bool = False,
@@ -148,7 +167,7 @@ class RedisQueue:
 
     async def _create_groups(self) -> None:
         """The consumer group on every stream (again after a Redis that lost its data)."""
-        with _redis_errors():
+        with redis_errors():
             for stream in self.stream_keys.values():
                 try:
                     await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -157,38 +176,69 @@ class RedisQueue:
                         raise
 
     async def ping(self) -> None:
-        with _redis_errors():
+        with redis_errors():
             await self.redis.ping()
 
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def enqueue(self, priority: Priority, envelope: Envelope) -> str:
+    async def enqueue(self, priority: Priority, envelope: Envelope,
+                      queue: QueueName = "fanout") -> str:
         shard = random.randrange(self.shards)
-        with _redis_errors():
+        with redis_errors():
             entry_id = await self.redis.xadd(
-                self.stream_keys[shard, priority], {_FIELD: encode_envelope(envelope)}
+                self.stream_keys[shard, queue, priority], {_FIELD: encode_envelope(envelope)}
             )
         return _text(entry_id)
 
+    async def enqueue_many(self, queue: QueueName, priority: Priority,
+                           envelopes: Sequence[Envelope]) -> None:
+        if not envelopes:
+            return
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for envelope in envelopes:
+                    shard = random.randrange(self.shards)
+                    pipe.xadd(self.stream_keys[shard, queue, priority],
+                              {_FIELD: encode_envelope(envelope)})
+                await pipe.execute()
+
+    async def schedule(self, queue: QueueName, priority: Priority, envelope: Envelope,
+                       due_ms: int) -> None:
+        shard = random.randrange(self.shards)
+        member = self.stream_keys[shard, queue, priority].encode() + b"|" + encode_envelope(
+            envelope)
+        with redis_errors():
+            await self.redis.zadd(self.scheduled_keys[shard], {member: due_ms})
+
+    async def move_due(self, now: int | None = None) -> int:
+        """Move the scheduled entries whose time has come to their streams (each shard's
+        schedule and streams share a slot, so one script does it atomically)."""
+        moved = 0
+        with redis_errors():
+            for key in self.scheduled_keys:
+                moved += int(await self.redis.eval(_MOVE_DUE, 1, key,
+                                                   now if now is not None else now_ms(), 256))
+        return moved
+
     async def _deliveries(self, stream: str, entries: list[Any]) -> list[Delivery]:
-        shard, priority = self._by_key[stream]
+        shard, queue, priority = self._by_key[stream]
         out = []
         for entry_id, fields in entries:
             if not fields:  # deleted while pending
                 continue
             eid = _text(entry_id)
             try:
-                out.append(Delivery(priority, eid, decode_envelope(fields[_FIELD]), shard))
+                out.append(Delivery(priority, eid, decode_envelope(fields[_FIELD]), shard,
+                                    queue))
             except (KeyError, msgspec.DecodeError) as exc:
-                await self._dead_letter_raw(shard, priority, eid, fields, repr(exc))
+                await self._dead_letter_raw(stream, shard, priority, eid, fields, repr(exc))
         return out
 
-    async def _dead_letter_raw(self, shard: int, priority: Priority, entry_id: str,
-                               fields: dict[bytes, bytes], detail: str) -> None:
+    async def _dead_letter_raw(self, stream: str, shard: int, priority: Priority,
+                               entry_id: str, fields: dict[bytes, bytes], detail: str) -> None:
         """An entry no version of the code can read (say, after an incompatible deploy):
         kept as it is in the dead-letter stream with reason ``poison``, then removed."""
-        stream = self.stream_keys[shard, priority]
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.dlq_keys[shard], {_RAW: msgspec.msgpack.encode(
                 {"entry_id": entry_id, "priority": priority, "reason": "poison",
@@ -197,10 +247,11 @@ class RedisQueue:
             pipe.xdel(stream, entry_id)
             await pipe.execute()
 
-    async def claim(self, consumer: str, block_s: float) -> Delivery | None:
-        with _redis_errors():
+    async def claim(self, consumer: str, block_s: float,
+                    queues: Sequence[QueueName] = FANOUT) -> Delivery | None:
+        with redis_errors():
             try:
-                return await self._claim(consumer, block_s)
+                return await self._claim(consumer, block_s, queues)
             except ResponseError as exc:
                 if not _no_group(exc):
                     raise
@@ -208,15 +259,17 @@ class RedisQueue:
                 # that never had the stream): make the group again; lost entries are the
                 # outbox sweeper's to queue again.
                 await self._create_groups()
-                return await self._claim(consumer, block_s)
+                return await self._claim(consumer, block_s, queues)
 
-    async def _claim(self, consumer: str, block_s: float) -> Delivery | None:
+    async def _claim(self, consumer: str, block_s: float,
+                     queues: Sequence[QueueName]) -> Delivery | None:
         buffer = self._buffer.setdefault(consumer, [])
         deadline = time.monotonic() + block_s
         while True:
             read_any = True
             while not buffer and read_any:  # unreadable entries are dead-lettered: read on
-                read_any = await self._fill(consumer, buffer, deadline - time.monotonic())
+                read_any = await self._fill(consumer, queues, buffer,
+                                            deadline - time.monotonic())
             if not buffer:
                 return None
             buffer.sort(key=lambda d: PRIORITIES.index(d.priority))
@@ -233,36 +286,41 @@ class RedisQueue:
             home = self._home[consumer] = next(self._next_home) % self.shards
         return [(home + i) % self.shards for i in range(self.shards)]
 
-    async def _fill(self, consumer: str, buffer: list[Delivery], block_s: float) -> bool:
-        """Reclaim idle entries of dead consumers, else read new entries by priority (high
-        on every shard before medium on any), else block on the home shard's streams for
-        up to ``block_s``. True when any entry was read."""
+    async def _fill(self, consumer: str, queues: Sequence[QueueName], buffer: list[Delivery],
+                    block_s: float) -> bool:
+        """Move due scheduled entries (a few times a second per process), reclaim idle
+        entries of dead consumers, else read new entries by priority (high on every queue
+        and shard before medium on any), else block on the home shard's streams of these
+        queues for up to ``block_s``. True when any entry was read."""
         shards = self._shard_order(consumer)
         now = time.monotonic()
+        if now - self._last_move >= MOVE_EVERY_S:
+            self._last_move = now
+            await self.move_due()
+        order = [(shard, queue, priority) for priority in PRIORITIES for queue in queues
+                 for shard in shards]
         if now - self._last_reclaim.get(consumer, 0.0) >= self.claim_idle_ms / 2000:
             self._last_reclaim[consumer] = now
-            for priority in PRIORITIES:
-                for shard in shards:
-                    stream = self.stream_keys[shard, priority]
-                    reply: Any = await self.redis.xautoclaim(
-                        stream, GROUP, consumer, min_idle_time=self.claim_idle_ms,
-                        start_id="0-0", count=16,
-                    )
-                    buffer.extend(await self._deliveries(stream, reply[1]))
+            for key in order:
+                stream = self.stream_keys[key]
+                reply: Any = await self.redis.xautoclaim(
+                    stream, GROUP, consumer, min_idle_time=self.claim_idle_ms,
+                    start_id="0-0", count=16,
+                )
+                buffer.extend(await self._deliveries(stream, reply[1]))
             if buffer:
                 return True
-        for priority in PRIORITIES:
-            for shard in shards:
-                stream = self.stream_keys[shard, priority]
-                read: Any = await self.redis.xreadgroup(GROUP, consumer, {stream: ">"},
-                                                        count=1)
-                if read:
-                    buffer.extend(await self._deliveries(stream, read[0][1]))
-                    return True
+        for key in order:
+            stream = self.stream_keys[key]
+            read: Any = await self.redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=1)
+            if read:
+                buffer.extend(await self._deliveries(stream, read[0][1]))
+                return True
         if block_s > 0:
-            home = {self.stream_keys[shards[0], p]: ">" for p in PRIORITIES}
+            home = {self.stream_keys[shards[0], q, p]: ">" for p in PRIORITIES for q in queues}
             blocked: Any = await self.redis.xreadgroup(
-                GROUP, consumer, home, count=1, block=max(1, int(block_s * 1000)))
+                GROUP, consumer, home, count=1,
+                block=max(1, int(min(block_s, MOVE_EVERY_S * 4) * 1000)))
             for stream, entries in blocked or []:
                 buffer.extend(await self._deliveries(_text(stream), entries))
             return bool(blocked)
@@ -277,8 +335,8 @@ class RedisQueue:
         await self._dead_letter(delivery, "shed", "older than FEEDSVC_LOW_MAX_AGE")
 
     async def ack(self, delivery: Delivery) -> None:
-        stream = self.stream_keys[delivery.shard, delivery.priority]
-        with _redis_errors():
+        stream = self.stream_keys[delivery.shard, delivery.queue, delivery.priority]
+        with redis_errors():
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.xack(stream, GROUP, delivery.entry_id)
@@ -290,7 +348,7 @@ class RedisQueue:
                 # Redis lost the stream since the claim: the entry is gone already.
 
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
-        with _redis_errors():
+        with redis_errors():
             try:
                 await self._dead_letter(delivery, reason, detail)
             except ResponseError as exc:
@@ -302,13 +360,21 @@ class RedisQueue:
     async def _dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Record and acknowledge in one transaction: never both lost nor both kept."""
         record = DeadLetter(delivery.entry_id, delivery.priority, reason, detail[:1000],
-                            now_ms(), delivery.envelope)
-        stream = self.stream_keys[delivery.shard, delivery.priority]
+                            now_ms(), delivery.envelope, queue=delivery.queue)
+        stream = self.stream_keys[delivery.shard, delivery.queue, delivery.priority]
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.dlq_keys[delivery.shard], {_FIELD: msgspec.msgpack.encode(record)})
             pipe.xack(stream, GROUP, delivery.entry_id)
             pipe.xdel(stream, delivery.entry_id)
             await pipe.execute()
+
+    async def bury(self, queue: QueueName, priority: Priority, envelope: Envelope,
+                   reason: str, detail: str) -> None:
+        record = DeadLetter("", priority, reason, detail[:1000], now_ms(), envelope,
+                            queue=queue)
+        with redis_errors():
+            await self.redis.xadd(self.dlq_keys[random.randrange(self.shards)],
+                                  {_FIELD: msgspec.msgpack.encode(record)})
 
     # --- dead letters ---------------------------------------------------------------------
     # A dead letter's id is its dead-letter stream entry id, prefixed with "<shard>:" when
@@ -342,7 +408,7 @@ class RedisQueue:
                 return []
             bound = f"({parsed[1]}"
         found: list[tuple[tuple[int, int], DeadLetter]] = []
-        with _redis_errors():
+        with redis_errors():
             for shard, key in enumerate(self.dlq_keys):
                 entries: Any = await self.redis.xrevrange(key, max=bound, count=limit)
                 found += [(_entry_order(letter.dlq_id), letter)
@@ -355,7 +421,7 @@ class RedisQueue:
         if parsed is None:
             return None
         shard, entry_id = parsed
-        with _redis_errors():
+        with redis_errors():
             entries: Any = await self.redis.xrange(self.dlq_keys[shard], min=entry_id,
                                                    max=entry_id, count=1)
         letters = self._letters(shard, entries)
@@ -370,52 +436,61 @@ class RedisQueue:
         # A new entry with a new queued time: a low task is not shed again at once. It goes
         # back to its own shard, in the same transaction (one slot) as the removal.
         envelope = msgspec.structs.replace(letter.envelope, enqueued_at=now_ms())
-        with _redis_errors():
+        with redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.stream_keys[shard, letter.priority],
+                pipe.xadd(self.stream_keys[shard, letter.queue, letter.priority],
                           {_FIELD: encode_envelope(envelope)})
                 pipe.xdel(self.dlq_keys[shard], entry_id)
                 _, removed = await pipe.execute()
         return bool(removed)
 
     async def stats(self) -> QueueStats:
-        with _redis_errors():
+        keys = list(self.stream_keys)
+        with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                for shard in range(self.shards):
-                    for priority in PRIORITIES:
-                        pipe.xlen(self.stream_keys[shard, priority])
-                for key in self.dlq_keys:
-                    pipe.xlen(key)
+                for key in keys:
+                    pipe.xlen(self.stream_keys[key])
+                for dlq in self.dlq_keys:
+                    pipe.xlen(dlq)
+                for scheduled in self.scheduled_keys:
+                    pipe.zcard(scheduled)
                 pipe.get(self.shed_key)
                 replies = await pipe.execute()
         depth: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
-        for i, length in enumerate(replies[:self.shards * len(PRIORITIES)]):
-            depth[PRIORITIES[i % len(PRIORITIES)]] += int(length)
-        dlq = sum(int(n) for n in replies[self.shards * len(PRIORITIES):-1])
-        return QueueStats(depth=depth, dead_letters=dlq, shed=int(replies[-1] or 0))
+        queued: dict[str, int] = dict.fromkeys(QUEUES, 0)
+        for (_, queue, priority), length in zip(keys, replies, strict=False):
+            queued[queue] += int(length)
+            if queue == "fanout":
+                depth[priority] += int(length)
+        rest: list[Any] = replies[len(keys):]
+        return QueueStats(
+            depth=depth, dead_letters=sum(int(n) for n in rest[:self.shards]),
+            shed=int(rest[-1] or 0), queued=queued,
+            scheduled=sum(int(n) for n in rest[self.shards:2 * self.shards]))
 
     # --- for the outbox sweeper -----------------------------------------------------------
 
-    async def oldest_queued_ms(self, priority: Priority) -> int | None:
+    async def oldest_queued_ms(self, priority: Priority,
+                               queue: QueueName = "fanout") -> int | None:
         oldest: int | None = None
-        with _redis_errors():
+        with redis_errors():
             for shard in range(self.shards):
-                entries: Any = await self.redis.xrange(self.stream_keys[shard, priority],
-                                                       count=1)
+                entries: Any = await self.redis.xrange(
+                    self.stream_keys[shard, queue, priority], count=1)
                 if entries:  # entry ids start with Redis' clock in ms
                     queued = int(_text(entries[0][0]).partition("-")[0])
                     oldest = queued if oldest is None else min(oldest, queued)
         return oldest
 
     async def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
-        with _redis_errors():
+        with redis_errors():
             taken = await self.redis.eval(
                 _RENEW, 1, f"{self.prefix}:lease:{name}", holder, int(ttl_s * 1000))
         return bool(taken)
 
     async def prune_consumers(self, idle_s: float) -> int:
         removed = 0
-        with _redis_errors():
+        with redis_errors():
             for stream in self.stream_keys.values():
                 consumers: Any = await self.redis.xinfo_consumers(stream, GROUP)
                 for consumer in consumers:

@@ -1,0 +1,80 @@
+"""Notify fan-out: one page of an event's audience becomes per-channel work.
+
+Where it sits: the fan-out worker, once an event with ``notify`` has reached every inbox,
+queues a ``NotifyTask`` for its first page (``fanout.fan_out``). ``notify_page`` handles one
+page: the audience (``audience.users`` of a direct event, else the author's followers
+whatever the author's reach; never the author), ``NOTIFY_PAGE`` (1,000) recipients at a
+time; for each recipient their preferences decide the channels (a kind override first,
+then the channel switch), and a ``ChannelTask`` per allowed channel goes to that channel's
+queue with the event's priority (``feedsvc/delivery/send.py`` takes it from there). A
+channel the recipient turned off is logged ``suppressed`` with reason ``preference``.
+
+The next page is a new task queued after this page's work: a 1,000,000-follower audience
+is walked with one page in memory and resumes where it stopped after a crash (a page
+redone queues its channel tasks again; send-once keeps them to one send each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from feedsvc.delivery.recipients import DEFAULT_LOCALE, Preferences, channel_allowed
+from feedsvc.delivery.state import DeliveryRecord
+from feedsvc.model import ChannelTask, Envelope, Event, NotifyTask
+from feedsvc.runtime import Runtime
+
+NOTIFY_PAGE = 1_000
+PREFERENCE_READS = 64  # preferences read in flight per page
+
+
+def notification_id(event_id: str, user_id: str) -> str:
+    return f"{event_id}:{user_id}"
+
+
+async def audience_page(rt: Runtime, event: Event, after: str | None
+                        ) -> tuple[list[str], str | None]:
+    """One page of recipients and the continuation (None at the end)."""
+    if event.audience is not None:
+        start = int(after) if after and after.isdigit() else 0
+        end = start + NOTIFY_PAGE
+        page = event.audience[start:end]
+        return page, (str(end) if end < len(event.audience) else None)
+    return await rt.store.followers_page(event.author_id, after, NOTIFY_PAGE)
+
+
+async def notify_page(rt: Runtime, task: NotifyTask) -> int:
+    """Queue the channel work of one page and the next page's task; returns how many
+    channel tasks were queued."""
+    event, notify = task.event, task.event.notify
+    if notify is None:
+        return 0
+    users, after = await audience_page(rt, event, task.after)
+    users = [u for u in users if u != event.author_id]
+    limit = asyncio.Semaphore(PREFERENCE_READS)
+
+    async def preferences(user_id: str) -> Preferences:
+        async with limit:
+            return await rt.recipients.preferences(user_id) or Preferences()
+
+    chosen = await asyncio.gather(*(preferences(u) for u in users))
+    ttl = max(1, rt.ttl_left_s(event.created_at))
+    queued = 0
+    for channel in dict.fromkeys(notify.channels):
+        tasks: list[Envelope] = []
+        for user_id, prefs in zip(users, chosen, strict=True):
+            if channel_allowed(prefs, event.kind, channel):
+                tasks.append(Envelope(ChannelTask(event, user_id, channel,
+                                                  prefs.locale or DEFAULT_LOCALE),
+                                      rt.now_ms()))
+            else:
+                await rt.delivery.log.record(
+                    notification_id(event.event_id, user_id),
+                    DeliveryRecord(channel, channel, "suppressed", "preference",
+                                   updated_at=rt.now_ms()), ttl)
+        for start in range(0, len(tasks), 500):
+            await rt.queue.enqueue_many(channel, event.priority, tasks[start:start + 500])
+        queued += len(tasks)
+    if after is not None:
+        await rt.queue.enqueue(event.priority,
+                               Envelope(NotifyTask(event, after), rt.now_ms()))
+    return queued

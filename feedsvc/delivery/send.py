@@ -1,0 +1,241 @@
+"""Channel workers: one recipient's notification on one channel, sent once per target.
+
+``deliver(rt, task, providers)`` reads like the flow:
+
+1. ``targets``: for push every device of the user (inactive ones are logged
+   ``suppressed``/``inactive``; none at all is ``no_device``); for sms and email the
+   contact (``no_contact``, or ``inactive`` after a bounce or an unreachable number).
+2. per target, a delivery with the key ``notification_id:channel:target``:
+   - no provider configured for it: ``suppressed``/``channel_not_configured``;
+   - ``SendOnce.claim``: a key already sent is never sent again (a retry, a reclaim after
+     a crash, a dead-letter replay); a key another worker holds right now is looked at
+     again after its lease;
+   - render the text (the template in the recipient's locale, or the inline message); a
+     render error dead-letters the delivery with reason ``render_error``;
+   - the provider call, with ``Idempotency-Key: <delivery key>``; then ``mark_sent``.
+3. outcomes: sent; a transient failure (connection, timeout, 5xx, 429) releases the claim
+   and schedules a retry of that one target (exponential backoff with full jitter, capped,
+   never sooner than the provider's Retry-After) until ``FEEDSVC_DELIVERY_MAX_ATTEMPTS``
+   calls, then dead-letters it (``exhausted``); a rejection dead-letters it at once
+   (``rejected``); a dead target deactivates the device or contact (``failed`` with the
+   provider's reason).
+
+The one window left is a crash between the provider's answer and ``mark_sent``: the
+redone delivery calls the provider again with the same ``Idempotency-Key``, which a
+provider that de-duplicates (the test fakes do) answers without a second message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from feedsvc.delivery.notify import notification_id
+from feedsvc.delivery.providers.base import Outgoing, TargetKind, WebPushKeys
+from feedsvc.delivery.providers.registry import Providers
+from feedsvc.delivery.recipients import Device, deactivate_contact
+from feedsvc.delivery.state import DeliveryRecord, DeliveryStatus
+from feedsvc.delivery.templates import EventVars, Template, render
+from feedsvc.errors import DeadTarget, ProviderRejected, ProviderUnavailable, RenderError
+from feedsvc.model import ChannelTask, Envelope
+from feedsvc.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE_S = 1.0
+RETRY_CAP_S = 300.0
+BUSY_RECHECK_S = 5.0  # a key another worker holds is looked at again after this
+TEMPLATE_CACHE_S = 5.0  # a process reuses a template this long
+
+
+def retry_delay(attempt: int, retry_after: float | None, rng: random.Random | None = None
+                ) -> float:
+    """Seconds before retry ``attempt`` (1-based): full-jitter exponential backoff, capped,
+    and never sooner than the provider's ``Retry-After``."""
+    backoff = (rng or random).uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)))
+    return max(backoff, retry_after or 0.0)
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: TargetKind
+    target: str  # device_id, "sms" or "email"
+    address: str  # token, endpoint, phone number or email address
+    webpush: WebPushKeys | None = None
+    device: Device | None = None
+
+
+class _Templates:
+    """Templates by name, reused for ``TEMPLATE_CACHE_S`` by this process."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[float, Template | None]] = {}
+
+    async def get(self, rt: Runtime, name: str) -> Template | None:
+        now = time.monotonic()
+        hit = self._cache.get(name)
+        if hit is None or now - hit[0] > TEMPLATE_CACHE_S:
+            hit = (now, await rt.delivery.templates.template(name))
+            self._cache[name] = hit
+        return hit[1]
+
+
+_templates = _Templates()
+
+
+async def deliver(rt: Runtime, task: ChannelTask, providers: Providers, holder: str) -> None:
+    """Every target of one recipient's notification on one channel (see the module)."""
+    for target in await targets(rt, task):
+        await deliver_one(rt, task, target, providers, holder)
+
+
+async def _log(rt: Runtime, task: ChannelTask, target: str, status: DeliveryStatus,
+               reason: str | None = None, attempts: int = 0) -> None:
+    await rt.delivery.log.record(
+        notification_id(task.event.event_id, task.user_id),
+        DeliveryRecord(task.channel, target, status, reason, attempts, rt.now_ms()),
+        max(1, rt.ttl_left_s(task.event.created_at)))
+
+
+async def targets(rt: Runtime, task: ChannelTask) -> list[Target]:
+    """The targets to send to; the ones that cannot be reached are logged here."""
+    if task.channel == "push":
+        devices = await rt.recipients.devices(task.user_id)
+        if task.target is not None:
+            devices = [d for d in devices if d.device_id == task.target]
+        if not devices:
+            await _log(rt, task, task.target or "push", "suppressed", "no_device")
+            return []
+        out = []
+        for device in devices:
+            if not device.active:
+                await _log(rt, task, device.device_id, "suppressed", "inactive")
+            elif device.platform == "webpush" and device.subscription is not None:
+                keys = device.subscription.keys
+                out.append(Target("webpush", device.device_id, device.subscription.endpoint,
+                                  WebPushKeys(keys.p256dh, keys.auth), device))
+            elif device.token is not None:
+                out.append(Target(device.platform, device.device_id, device.token,
+                                  device=device))
+        return out
+    contacts = await rt.recipients.contacts(task.user_id)
+    address = None
+    active = False
+    if contacts is not None:
+        address = contacts.phone if task.channel == "sms" else contacts.email
+        active = contacts.phone_active if task.channel == "sms" else contacts.email_active
+    if address is None:
+        await _log(rt, task, task.channel, "suppressed", "no_contact")
+        return []
+    if not active:
+        await _log(rt, task, task.channel, "suppressed", "inactive")
+        return []
+    kind: TargetKind = "sms" if task.channel == "sms" else "email"
+    return [Target(kind, task.channel, address)]
+
+
+async def _text(rt: Runtime, task: ChannelTask) -> tuple[str, str]:
+    notify = task.event.notify
+    assert notify is not None
+    if notify.message is not None:
+        return notify.message.title, notify.message.body
+    assert notify.template is not None
+    template = await _templates.get(rt, notify.template)
+    if template is None:
+        raise RenderError(notify.template, task.locale, "template", "no such template")
+    event = task.event
+    rendered = render(notify.template, template, task.locale, data=notify.data,
+                      event=EventVars(event.event_id, event.author_id, event.kind,
+                                      json.loads(event.payload)),
+                      user_id=task.user_id)
+    return rendered.title, rendered.body
+
+
+def _data(task: ChannelTask, nid: str) -> dict[str, str]:
+    """The flat string map a push message carries."""
+    notify = task.event.notify
+    extra = notify.data if notify is not None else {}
+    out = {k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}
+    out.update({"notification_id": nid, "event_id": task.event.event_id})
+    return out
+
+
+async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers: Providers,
+                      holder: str) -> None:
+    nid = notification_id(task.event.event_id, task.user_id)
+    key = f"{nid}:{task.channel}:{target.target}"
+    attempts = task.attempt if task.target == target.target else 0
+    provider = providers.for_target(target.kind)
+    if provider is None:
+        await _log(rt, task, target.target, "suppressed", "channel_not_configured")
+        return
+    lease = rt.settings.provider_timeout * 2 + 5
+    state = await rt.delivery.once.claim(key, holder, lease)
+    if state == "sent":
+        return
+    if state == "busy":  # another worker is sending it right now: look again later
+        await _reschedule(rt, task, target, attempts, BUSY_RECHECK_S)
+        return
+    try:
+        title, body = await _text(rt, task)
+        receipt = await provider.send(Outgoing(
+            key=key, kind=target.kind, address=target.address, title=title, body=body,
+            data=_data(task, nid), priority=task.event.priority, webpush=target.webpush))
+    except ProviderUnavailable as exc:
+        await rt.delivery.once.release(key, holder)
+        attempts += 1
+        if attempts >= rt.settings.delivery_max_attempts:
+            await _dead(rt, task, target, "exhausted", str(exc), attempts)
+            return
+        delay = retry_delay(attempts, exc.retry_after)
+        await _reschedule(rt, task, target, attempts, delay)
+        await _log(rt, task, target.target, "scheduled", exc.detail[:200], attempts)
+        return
+    except DeadTarget as exc:
+        await rt.delivery.once.release(key, holder)
+        await _deactivate(rt, task, target, exc.reason)
+        await _log(rt, task, target.target, "failed", exc.reason, attempts + 1)
+        return
+    except ProviderRejected as exc:
+        await rt.delivery.once.release(key, holder)
+        await _dead(rt, task, target, "rejected", str(exc), attempts + 1)
+        return
+    except RenderError as exc:
+        await rt.delivery.once.release(key, holder)
+        await _dead(rt, task, target, "render_error", str(exc), attempts)
+        return
+    await rt.delivery.once.mark_sent(key)
+    await _log(rt, task, target.target, "sent", None, attempts + 1)
+    log.debug("sent %s via %s (%s)", key, receipt.provider, receipt.message_id)
+
+
+def _narrowed(task: ChannelTask, target: Target, attempts: int, now: int) -> Envelope:
+    return Envelope(ChannelTask(task.event, task.user_id, task.channel, task.locale,
+                                target.target, attempts), now)
+
+
+async def _reschedule(rt: Runtime, task: ChannelTask, target: Target, attempts: int,
+                      delay_s: float) -> None:
+    now = rt.now_ms()
+    await rt.queue.schedule(task.channel, task.event.priority,
+                            _narrowed(task, target, attempts, now), now + int(delay_s * 1000))
+
+
+async def _dead(rt: Runtime, task: ChannelTask, target: Target, reason: str, detail: str,
+                attempts: int) -> None:
+    """The delivery goes to the dead letters (``feedsvc dlq replay`` sends it again, unless
+    it was sent meanwhile) and the log says ``dead`` with the reason."""
+    await rt.queue.bury(task.channel, task.event.priority,
+                        _narrowed(task, target, 0, rt.now_ms()), reason, detail)
+    await _log(rt, task, target.target, "dead", reason, attempts)
+
+
+async def _deactivate(rt: Runtime, task: ChannelTask, target: Target, reason: str) -> None:
+    if target.device is not None:
+        await rt.recipients.deactivate_device(task.user_id, target.device, reason)
+    elif task.channel in ("sms", "email"):
+        await deactivate_contact(rt.recipients, task.user_id,
+                                 "sms" if task.channel == "sms" else "email", target.address)

@@ -1,0 +1,70 @@
+"""Delivery state: the ports the notify fan-out and the channel workers keep it behind.
+
+- ``TemplateStore``: notification templates by name (``PUT/GET /v1/templates/{name}``).
+- ``DeliveryLog``: one record per (notification, channel, target), upserted as the
+  delivery moves on (``GET /v1/events/{e}/deliveries/{u}``).
+- ``SendOnce``: the claim a worker holds on a delivery key while it calls the provider,
+  and the mark that the key was sent, so nothing is sent twice.
+
+Templates and the log live beside the feed's store (Cassandra or the embedded file,
+``feedsvc/store/delivery_*.py``); send-once claims beside the queue (Redis or the embedded
+queue file, ``feedsvc/queue/sendonce_*.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import msgspec
+
+from feedsvc.delivery.templates import Template
+from feedsvc.model import Channel
+
+DeliveryStatus = Literal["queued", "scheduled", "sent", "failed", "dead", "suppressed"]
+ClaimState = Literal["claimed", "sent", "busy"]
+SENT_TTL_S = 7 * 86_400  # how long a sent key is remembered (a replay after that re-sends)
+
+
+class DeliveryRecord(msgspec.Struct, frozen=True):
+    """One delivery as the log shows it; ``target`` is the device id for push, ``sms`` or
+    ``email`` for the others, or the channel name when no target was resolved."""
+
+    channel: Channel
+    target: str
+    status: DeliveryStatus
+    reason: str | None = None
+    attempts: int = 0  # provider calls made
+    updated_at: int = 0  # epoch ms
+
+
+class TemplateStore(Protocol):
+    async def put_template(self, name: str, template: Template) -> None: ...
+
+    async def template(self, name: str) -> Template | None: ...
+
+
+class DeliveryLog(Protocol):
+    async def record(self, notification_id: str, record: DeliveryRecord, ttl_s: int) -> None:
+        """Upsert the record of (notification, channel, target)."""
+
+    async def records(self, notification_id: str) -> list[DeliveryRecord]:
+        """Every record of one notification, by channel then target."""
+
+
+class SendOnce(Protocol):
+    async def claim(self, key: str, holder: str, lease_s: float) -> ClaimState:
+        """``claimed`` (the caller may send, for ``lease_s``), ``sent`` (never again) or
+        ``busy`` (another worker holds the lease)."""
+
+    async def mark_sent(self, key: str) -> None: ...
+
+    async def release(self, key: str, holder: str) -> None:
+        """Drop the caller's lease (the send failed): the key may be claimed again."""
+
+
+@dataclass(frozen=True)
+class DeliveryState:
+    templates: TemplateStore
+    log: DeliveryLog
+    once: SendOnce

@@ -1,0 +1,51 @@
+"""Templates and the delivery log on Cassandra (``cql/004_delivery.cql``): the
+``TemplateStore`` and ``DeliveryLog`` ports of ``feedsvc/delivery/state.py``, on the feed
+store's session. Rows hold msgpack bodies; writes are upserts."""
+
+from __future__ import annotations
+
+import msgspec
+from cassandra.query import PreparedStatement
+
+from feedsvc.delivery.state import DeliveryRecord
+from feedsvc.delivery.templates import Template
+from feedsvc.store.cassandra import CassandraStore
+
+_STATEMENTS = {
+    "put_template": "INSERT INTO {ks}.templates_by_name (name, body) VALUES (?, ?)",
+    "template": "SELECT body FROM {ks}.templates_by_name WHERE name = ?",
+    "record": "INSERT INTO {ks}.deliveries_by_notification (notification_id, channel, "
+              "target, body) VALUES (?, ?, ?, ?) USING TTL ?",
+    "records": "SELECT body FROM {ks}.deliveries_by_notification WHERE notification_id = ? "
+               "LIMIT 1000",
+}
+
+_encoder = msgspec.msgpack.Encoder()
+_template = msgspec.msgpack.Decoder(Template)
+_record = msgspec.msgpack.Decoder(DeliveryRecord)
+
+
+class CassandraDeliveryStore:
+    """``TemplateStore`` and ``DeliveryLog`` on Cassandra; see the module docstring."""
+
+    def __init__(self, store: CassandraStore, statements: dict[str, PreparedStatement]) -> None:
+        self.store, self._ps = store, statements
+
+    @classmethod
+    async def open(cls, store: CassandraStore) -> CassandraDeliveryStore:
+        return cls(store, await store.prepare(_STATEMENTS))
+
+    async def put_template(self, name: str, template: Template) -> None:
+        await self.store.run(self._ps["put_template"], name, _encoder.encode(template))
+
+    async def template(self, name: str) -> Template | None:
+        rows = await self.store.run(self._ps["template"], name)
+        return _template.decode(rows[0][0]) if rows else None
+
+    async def record(self, notification_id: str, record: DeliveryRecord, ttl_s: int) -> None:
+        await self.store.run(self._ps["record"], notification_id, record.channel,
+                             record.target, _encoder.encode(record), max(1, ttl_s))
+
+    async def records(self, notification_id: str) -> list[DeliveryRecord]:
+        rows = await self.store.run(self._ps["records"], notification_id)
+        return [_record.decode(row[0]) for row in rows]
