@@ -51,7 +51,7 @@ def rfc3339(ms: int) -> str:
 _CURSOR = re.compile(CURSOR_PATTERN)
 
 
-def _limit(request: web.Request, default: int, maximum: int) -> int:
+def query_limit(request: web.Request, default: int, maximum: int) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return default
@@ -133,7 +133,7 @@ async def post_event(request: web.Request) -> web.Response:
 async def author_events(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     author_id = _path_id(request, "user_id")
-    limit = _limit(request, 50, 200)
+    limit = query_limit(request, 50, 200)
     cursor = _cursor(request)
     before = timeline.decode_cursor(cursor).position if cursor else None
     since = rt.now_ms() - rt.settings.retention_ms
@@ -175,7 +175,7 @@ async def get_inbox(request: web.Request) -> web.Response:
         if named is not None and named != principal.user_id:
             raise Forbidden("a user token can only read its own inbox")
         user_id = principal.user_id
-    limit = _limit(request, 50, 200)
+    limit = query_limit(request, 50, 200)
     raw_cursor = _cursor(request)
     cursor = timeline.decode_cursor(raw_cursor) if raw_cursor else None
     page = await timeline.read_inbox(rt, user_id, limit, cursor)
@@ -226,7 +226,7 @@ async def _counts_and_mode(request: web.Request, user_id: str) -> tuple[tuple[in
 async def get_followers(request: web.Request) -> web.Response:
     store = request.app[RUNTIME].store
     ids, after = await store.followers_page(
-        _path_id(request, "user_id"), _unopaque(request), _limit(request, 100, 1000)
+        _path_id(request, "user_id"), _unopaque(request), query_limit(request, 100, 1000)
     )
     return json_response(IdPageOut(ids, _opaque(after)))
 
@@ -234,7 +234,7 @@ async def get_followers(request: web.Request) -> web.Response:
 async def get_following(request: web.Request) -> web.Response:
     store = request.app[RUNTIME].store
     ids, after = await store.following_page(
-        _path_id(request, "user_id"), _unopaque(request), _limit(request, 100, 1000)
+        _path_id(request, "user_id"), _unopaque(request), query_limit(request, 100, 1000)
     )
     return json_response(IdPageOut(ids, _opaque(after)))
 
