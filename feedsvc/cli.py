@@ -50,6 +50,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace, *, workers: int) -> 
         settings = settings.replace(
             service_keys=settings.service_keys or (DEMO_SERVICE_KEY,),
             jwt_secret=settings.jwt_secret or DEMO_JWT_SECRET,
+            # Notifications of the demo are written to the log by the console provider.
+            console_channels=settings.console_channels or ("push", "sms", "email"),
         )
 
         async def with_demo() -> int:
@@ -69,11 +71,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace, *, workers: int) -> 
 
 async def _seed_demo(settings: Settings) -> None:
     from feedsvc import graph
+    from feedsvc.delivery.recipients import Contacts, Device
     from feedsvc.runtime import open_runtime
 
     async with open_runtime(settings) as rt:
         pairs = [(f"user{i}", f"user{j}") for i in range(1, 6) for j in range(1, 6) if i != j]
         await graph.follow_many(rt, pairs)
+        for i in range(2, 6):
+            await rt.recipients.put_device(f"user{i}", Device("phone", "fcm",
+                                                              token=f"demo-token-{i}"))
+            await rt.recipients.put_contacts(f"user{i}", Contacts(
+                f"user{i}@example.com", f"+1415555010{i}", True, True))
 
 
 def _print_demo(settings: Settings) -> None:
@@ -100,6 +108,16 @@ Post an event as user1 (the posting service, with the service key):
 Read user2's inbox (a mobile client, with user2's token):
 
   curl -s {base}/v1/inbox -H "Authorization: Bearer $USER_TOKEN"
+
+Notify user1's followers on every channel (the demo's console provider writes each
+delivery to this log; see who got what with the delivery log):
+
+  curl -s -X POST {base}/v1/events -H "Authorization: Bearer $FEEDSVC_KEY" \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"event_id": "demo-2", "author_id": "user1", "kind": "alert", "payload": {{}},
+            "notify": {{"channels": ["push", "sms", "email"],
+                       "message": {{"title": "School closed", "body": "No school tomorrow"}}}}}}'
+  curl -s {base}/v1/events/demo-2/deliveries/user2 -H "Authorization: Bearer $USER_TOKEN"
 """, flush=True)
 
 
