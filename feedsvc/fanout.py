@@ -53,8 +53,8 @@ async def handle(rt: Runtime, envelope: Envelope) -> None:
 
 
 async def fan_out(rt: Runtime, event: Event) -> int:
-    """Write the event's inbox rows, then settle it in the outbox; returns how many rows
-    were written."""
+    """Write the event's inbox rows, then settle it in the outbox (an event that notifies:
+    queue its notify fan-out, which settles it); returns how many rows were written."""
     ttl = rt.ttl_left_s(event.created_at)
     written = 0
     if ttl > 0:  # else already past retention: nothing to show
@@ -70,8 +70,11 @@ async def fan_out(rt: Runtime, event: Event) -> int:
                 written = await deliver_push(rt, item, ttl)
         if event.notify is not None:
             # Notifications go out once the event is in every inbox (a first page; the
-            # notify fan-out pages on from there: feedsvc/delivery/notify.py).
+            # notify fan-out pages on from there, and settles the event in the outbox
+            # after its last page: feedsvc/delivery/notify.py).
             await rt.queue.enqueue(event.priority, Envelope(NotifyTask(event), rt.now_ms()))
+            await rt.outbox.mark_queued(event.event_id, event.accepted_at, rt.now_ms(), ttl)
+            return written
     await rt.outbox.settle(event.event_id, event.accepted_at, max(1, ttl))
     return written
 

@@ -112,7 +112,7 @@ async def process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None = 
 
 async def _dead_letter(rt: Runtime, delivery: Delivery, detail: str) -> None:
     task = delivery.envelope.task
-    if isinstance(task, FanoutTask):
+    if isinstance(task, FanoutTask | NotifyTask):
         # Settled: the sweeper leaves it to the dead letters (``feedsvc dlq replay``).
         event = task.event
         await rt.outbox.settle(event.event_id, event.accepted_at,

@@ -14,11 +14,14 @@ import pytest
 
 from feedsvc.delivery.providers.registry import Providers, open_providers
 from feedsvc.model import ChannelTask, Envelope
-from feedsvc.workers import drain
+from feedsvc.store.base import outbox_bucket
+from feedsvc.sweeper import Sweeper
+from feedsvc.workers import drain, process
 from tests.apiclient import Api
 from tests.conftest import MakeApi
 from tests.fakes.ledger import Behaviour
 from tests.fakes.suite import Fakes, running_fakes
+from tests.test_durability import lose_queue
 
 TEMPLATE = {"locales": {
     "en": {"title": "Hello {{ user_id }}", "body": "{{ data.school }} is closed"},
@@ -64,7 +67,7 @@ class Setup:
 @pytest.fixture
 async def setup(make_api: MakeApi, fakes: Fakes) -> AsyncIterator[Setup]:
     api = await make_api(celebrity_threshold=1_000, delivery_max_attempts=3,
-                         **fakes.settings())
+                         sweep_after=0.3, **fakes.settings())
     providers = open_providers(api.rt.settings)
     try:
         yield Setup(api, fakes, providers)
@@ -268,3 +271,27 @@ async def test_the_delivery_log_is_the_recipients_own(setup: Setup) -> None:
     status, body = await s.call("GET", path, headers=api.token(fan))
     assert status == 200 and body["notification_id"] == f"{event_id}:{fan}"
     assert (await s.call("GET", path, headers=api.token(other)))[0] == 403
+
+
+async def test_a_lost_notify_task_is_swept_and_sends_once(setup: Setup) -> None:
+    """The notify fan-out's entry is lost (Redis lost it): the event stays unsettled in the
+    outbox, the sweeper starts it over, and every delivery is still sent once."""
+    s, api = setup, setup.api
+    await api.rt.outbox.set_sweep_checkpoint(outbox_bucket(api.rt.now_ms()))
+    author, fans = api.user("author"), [api.user(f"fan{i}") for i in range(3)]
+    await api.bulk([(f, author) for f in fans])
+    for fan in fans:
+        await register(s, fan, fcm=f"tok-{fan}")
+    await drain(api.rt)  # the backfills
+    event_id = await api.post_ok(author, notify={"channels": ["push"],
+                                                 "message": {"title": "t", "body": "b"}})
+    fanout_entry = await api.rt.queue.claim("only-the-fan-out", 0.5)
+    assert fanout_entry is not None
+    await process(api.rt, fanout_entry)  # inbox rows written, the notify task queued ...
+    await lose_queue(api.rt)  # ... and lost
+    await asyncio.sleep(api.rt.settings.sweep_after + 0.1)
+    assert (await Sweeper(api.rt, "test").sweep_once()).requeued == 1
+    await s.deliver_all()
+    assert set(s.fakes.fcm.ledger.accepted) == {f"{event_id}:{f}:push:android" for f in fans}
+    await asyncio.sleep(api.rt.settings.sweep_after + 0.1)
+    assert (await Sweeper(api.rt, "test").sweep_once()).requeued == 0  # settled now

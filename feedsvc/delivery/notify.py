@@ -11,7 +11,9 @@ channel the recipient turned off is logged ``suppressed`` with reason ``preferen
 
 The next page is a new task queued after this page's work: a 1,000,000-follower audience
 is walked with one page in memory and resumes where it stopped after a crash (a page
-redone queues its channel tasks again; send-once keeps them to one send each).
+redone queues its channel tasks again; send-once keeps them to one send each). The outbox
+row of the event is settled after the last page (each page marks it queued again, so the
+sweeper leaves a chain that is moving alone).
 """
 
 from __future__ import annotations
@@ -77,4 +79,10 @@ async def notify_page(rt: Runtime, task: NotifyTask) -> int:
     if after is not None:
         await rt.queue.enqueue(event.priority,
                                Envelope(NotifyTask(event, after), rt.now_ms()))
+        # Each page tells the outbox the event is still being worked on; a chain broken
+        # by a lost entry is found by the sweeper FEEDSVC_SWEEP_AFTER later, which starts
+        # the event over (send-once keeps that to one send per delivery).
+        await rt.outbox.mark_queued(event.event_id, event.accepted_at, rt.now_ms(), ttl)
+    else:
+        await rt.outbox.settle(event.event_id, event.accepted_at, ttl)
     return queued
