@@ -197,7 +197,7 @@ _VARS: tuple[_Var, ...] = (
     _Var("pull_set_ttl", "FEEDSVC_PULL_SET_TTL", parse_duration,
          "how long a process reuses the set of pull authors (default 1s; 0 = every read)"),
     _Var("fanout_concurrency", "FEEDSVC_FANOUT_CONCURRENCY", _positive_int,
-         "Cassandra requests in flight per process (default 32)"),
+         "inbox write batches in flight per process (default 32)"),
     _Var("inbox_trim_every", "FEEDSVC_INBOX_TRIM_EVERY", _non_negative_int,
          "one inbox write in N checks the cap (default 0: FEEDSVC_INBOX_MAX / 2)"),
     # --- hostile clients: token lifetime, connection limits ---

@@ -10,6 +10,7 @@ most ``concurrency`` requests in flight per process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -386,16 +387,20 @@ class CassandraStore:
             raise PermanentError(f"cassandra refused a request: {exc}") from exc
 
     async def _execute(self, statement: Any, params: Any = None,
-                       profile: Any = EXEC_PROFILE_DEFAULT) -> list[Any]:
-        """One request, at most ``concurrency`` in flight. Two refusals are sent again here
-        rather than failing the caller (a fan-out task would otherwise redo all its rows):
-        the sockets were full (nothing was sent), and, for a statement marked idempotent, a
-        server write timeout (sent again with a new write time: like a redone task, a row an
-        unmerge deleted meanwhile can come back; reads skip unfollowed authors anyway)."""
+                       profile: Any = EXEC_PROFILE_DEFAULT, *, bulk: bool = False
+                       ) -> list[Any]:
+        """One request; ``bulk`` ones (inbox batches) at most ``concurrency`` in flight, the
+        others (a request's few reads and writes) never queued behind them, so an API that
+        shares its process with workers (``feedsvc serve``) answers in its own time. Two
+        refusals are sent again here rather than failing the caller (a fan-out task would
+        otherwise redo all its rows): the sockets were full (nothing was sent), and, for a
+        statement marked idempotent, a server write timeout (sent again with a new write
+        time: like a redone task, a row an unmerge deleted meanwhile can come back; reads
+        skip unfollowed authors anyway)."""
         busy = timeouts = 0
         while True:
             try:
-                async with self._limit:
+                async with self._limit if bulk else contextlib.nullcontext():
                     return await _wait(self.session.execute_async(
                         statement, params, execution_profile=profile))
             except _SocketsFull:
@@ -537,7 +542,7 @@ class CassandraStore:
     async def _send_rows(self, rows: Sequence[str], shared: tuple[bytes, ...]) -> None:
         batch = inbox_batch(self._ps["write_inbox"], rows, shared)
         try:
-            await self._execute(batch)
+            await self._execute(batch, bulk=True)
         except InvalidRequest as exc:
             if "Batch too large" not in str(exc) or len(rows) == 1:
                 raise PermanentError(f"cassandra refused an inbox write: {exc}") from exc
