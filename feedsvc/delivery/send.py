@@ -27,6 +27,7 @@ provider that de-duplicates (the test fakes do) answers without a second message
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -87,9 +88,14 @@ _templates = _Templates()
 
 
 async def deliver(rt: Runtime, task: ChannelTask, providers: Providers, holder: str) -> None:
-    """Every target of one recipient's notification on one channel (see the module)."""
-    for target in await targets(rt, task):
-        await deliver_one(rt, task, target, providers, holder)
+    """Every target of one recipient's notification on one channel (see the module), the
+    targets at once (a user has at most 20 devices)."""
+    outcomes = await asyncio.gather(*(deliver_one(rt, task, target, providers, holder)
+                                      for target in await targets(rt, task)),
+                                    return_exceptions=True)
+    for outcome in outcomes:  # every target had its turn; then the first failure counts
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def _log(rt: Runtime, task: ChannelTask, target: str, status: DeliveryStatus,
