@@ -47,6 +47,7 @@ from feedsvc.model import (
     Route,
 )
 from feedsvc.runtime import Runtime
+from feedsvc.store.base import OUTBOX_TTL_S
 
 __all__ = ["Accepted", "accept", "decode_body", "parse_body", "parse_created_at", "publish",
            "valid_id", "validate"]
@@ -228,18 +229,20 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
         route = "direct"
     else:
         route = await refresh_mode(rt, incoming.author_id)
-    event = Event(
-        event_id=incoming.event_id, author_id=incoming.author_id, kind=incoming.kind,
-        created_at=created_at, priority=incoming.priority,
-        payload=msgspec.json.encode(incoming.payload).decode(), route=route,
-        accepted_at=now, body_hash=body_hash, object_id=incoming.object_id,
-        audience=list(dict.fromkeys(incoming.audience.users)) if incoming.audience else None,
-        notify=incoming.notify,
-    )
     template = incoming.notify.template if incoming.notify else None
     if template is not None and await rt.delivery.templates.template(template) is None:
         raise Unprocessable(f"no template named {template!r}", code="unknown_template",
                             field="notify.template")
+    event = Event(
+        event_id=incoming.event_id, author_id=incoming.author_id, kind=incoming.kind,
+        created_at=created_at, priority=incoming.priority,
+        payload=msgspec.json.encode(incoming.payload).decode(), route=route,
+        # Taken now, after the reads above: the outbox row lands in the bucket of this
+        # moment, which the sweeper's checkpoint has not passed (feedsvc/sweeper.py).
+        accepted_at=rt.now_ms(), body_hash=body_hash, object_id=incoming.object_id,
+        audience=list(dict.fromkeys(incoming.audience.users)) if incoming.audience else None,
+        notify=incoming.notify,
+    )
     ttl = rt.ttl_left_s(created_at, now)
     if ttl < 1:
         raise Unprocessable("created_at is older than the inbox retention", code="too_old",
@@ -255,7 +258,10 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
         raise Unprocessable("event_id was already used with a different body",
                             code="idempotency_key_reused", field="event_id")
     row = await rt.outbox.outbox_row(existing.event_id, existing.accepted_at)
-    if row is None or not (row.done or row.queued_at):
+    # No row: the first request died before recording it is impossible (it records first),
+    # so the row has expired: an event that old was published long ago.
+    fresh = existing.accepted_at > now - (OUTBOX_TTL_S - 86_400) * 1000
+    if (row is None and fresh) or (row is not None and not (row.done or row.queued_at)):
         # The first request died before its task was queued: finish its work now rather
         # than wait for the sweeper.
         await publish(rt, existing)

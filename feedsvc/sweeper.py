@@ -38,7 +38,7 @@ import msgspec
 from feedsvc.errors import RetryableError
 from feedsvc.model import PRIORITIES, Envelope, Event, FanoutTask, Priority
 from feedsvc.runtime import Runtime
-from feedsvc.store.base import OUTBOX_BUCKET_MS, OutboxRow, outbox_bucket
+from feedsvc.store.base import OUTBOX_BUCKET_MS, OUTBOX_TTL_S, OutboxRow, outbox_bucket
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ LEASE = "sweeper"
 LOOKBACK_BUCKETS = 360  # a first sweep (no checkpoint yet) starts an hour back
 BUCKETS_PER_PASS = 360  # a pass reads at most this many buckets, the next goes on from there
 QUEUE_CLOCK_SKEW_MS = 5_000  # how far the queue's clock may be from the API's
+# The checkpoint stays this far behind the grace period: an API whose clock runs behind the
+# workers', or a request slowed between taking accepted_at and recording the row, still
+# lands its row in a bucket the next passes read.
+CHECKPOINT_MARGIN_MS = 60_000
 CONSUMERS_GONE_S = 600.0  # consumers idle this long, holding nothing, leave the group
 PRUNE_EVERY_S = 60.0
 EVENT_READS = 32  # event reads in flight per pass
@@ -142,7 +146,7 @@ class Sweeper:
                 owed_from = bucket
         # The checkpoint moves past buckets that owe nothing and are wholly older than the
         # grace period; a pass cut short goes on from where it stopped next time.
-        settled_until = min(last + 1, newest)
+        settled_until = min(last + 1, outbox_bucket(now - grace - CHECKPOINT_MARGIN_MS))
         if first == start:
             target = settled_until if owed_from is None else min(owed_from, settled_until)
             if target > start:
@@ -164,7 +168,8 @@ class Sweeper:
                 verdict = decide(row, event, bucket, now, grace, oldest,
                                  int(rt.settings.low_max_age * 1000))
                 if verdict in ("settle", "shed"):
-                    ttl = rt.ttl_left_s(event.created_at) if event is not None else 1
+                    ttl = (rt.ttl_left_s(event.created_at) if event is not None
+                           else OUTBOX_TTL_S)  # as long as the row itself may live
                     await rt.outbox.settle(row.event_id, bucket * OUTBOX_BUCKET_MS, max(1, ttl))
                     stats.settled += verdict == "settle"
                     stats.shed += verdict == "shed"

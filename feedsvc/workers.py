@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from feedsvc import fanout
 from feedsvc.delivery import notify, send
@@ -98,9 +98,10 @@ async def process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None = 
     chosen = providers or NO_PROVIDERS
     holder = holder or consumer_name()
     try:
-        if not await until_done(what, lambda: handle(rt, delivery.envelope, chosen, holder),
-                                stop, beat):
-            return
+        async with _keep_claimed(rt, delivery, holder):
+            if not await until_done(what, lambda: handle(rt, delivery.envelope, chosen,
+                                                         holder), stop, beat):
+                return
     except Exception as exc:  # a bug or bad data: retrying cannot help
         log.exception("%s failed permanently; dead-lettered", what)
         detail = repr(exc)
@@ -108,6 +109,26 @@ async def process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None = 
                          stop, beat)
         return
     await until_done(f"acknowledging {what}", lambda: rt.queue.ack(delivery), stop, beat)
+
+
+@contextlib.asynccontextmanager
+async def _keep_claimed(rt: Runtime, delivery: Delivery, consumer: str) -> AsyncIterator[None]:
+    """While a task runs (a long fan-out, a retry through an outage), tell the queue every
+    third of ``FEEDSVC_CLAIM_IDLE`` that it is still being worked on, so no other consumer
+    takes it over and does it a second time."""
+    async def touch() -> None:
+        while True:
+            await asyncio.sleep(rt.settings.claim_idle / 3)
+            with contextlib.suppress(RetryableError):
+                await rt.queue.touch(delivery, consumer)
+
+    toucher = asyncio.create_task(touch())
+    try:
+        yield
+    finally:
+        toucher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await toucher
 
 
 async def _dead_letter(rt: Runtime, delivery: Delivery, detail: str) -> None:

@@ -29,7 +29,9 @@ from feedsvc.model import (
 )
 from feedsvc.queue.base import DeadLetter
 
-DLQ_ID_PATTERN = r"^(?!.*\n)(?:[0-9]{1,4}:)?[0-9]{1,20}(?:-[0-9]{1,20})?$"
+# A dead letter's id: a stream entry id ("<ms>-<seq>", after "<shard>:" with shards) or the
+# embedded queue's row id; 18 digits at most, so every part fits a 64-bit integer.
+DLQ_ID_PATTERN = r"^(?!.*\n)(?:[0-9]{1,4}:)?[0-9]{1,18}(?:-[0-9]{1,18})?$"
 _DLQ_ID = re.compile(DLQ_ID_PATTERN)
 _TEMPLATE_NAME = re.compile(TEMPLATE_NAME_PATTERN)
 _EVENT_ID = re.compile(EVENT_ID_PATTERN)
@@ -87,9 +89,8 @@ async def get_template(request: web.Request) -> web.Response:
 async def get_deliveries(request: web.Request) -> web.Response:
     event_id = _path(request, "event_id", _EVENT_ID, "1-128 of A-Z a-z 0-9 . _ : -")
     user_id = own_user(request)
-    nid = notification_id(event_id, user_id)
-    records = await request.app[RUNTIME].delivery.log.records(nid)
-    return json_response(Deliveries(nid, records))
+    records = await request.app[RUNTIME].delivery.log.records(event_id, user_id)
+    return json_response(Deliveries(notification_id(event_id, user_id), records))
 
 
 def key_of(letter: DeadLetter) -> str:

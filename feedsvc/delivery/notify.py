@@ -30,7 +30,15 @@ PREFERENCE_READS = 64  # preferences read in flight per page
 
 
 def notification_id(event_id: str, user_id: str) -> str:
+    """The id clients see (``event_id:user_id``). Ids may contain ``:``, so it is not a key:
+    the delivery log is keyed by the pair, send-once claims by ``claim_key``."""
     return f"{event_id}:{user_id}"
+
+
+def claim_key(event_id: str, user_id: str, channel: str, target: str) -> str:
+    """A delivery's send-once key: joined with ``/``, which no event, user or device id may
+    contain, so two deliveries never share it (the ``:``-joined delivery key could)."""
+    return f"{event_id}/{user_id}/{channel}/{target}"
 
 
 async def audience_page(rt: Runtime, event: Event, after: str | None
@@ -70,19 +78,21 @@ async def notify_page(rt: Runtime, task: NotifyTask) -> int:
                                       rt.now_ms()))
             else:
                 await rt.delivery.log.record(
-                    notification_id(event.event_id, user_id),
+                    event.event_id, user_id,
                     DeliveryRecord(channel, channel, "suppressed", "preference",
                                    updated_at=rt.now_ms()), ttl)
         for start in range(0, len(tasks), 500):
             await rt.queue.enqueue_many(channel, event.priority, tasks[start:start + 500])
         queued += len(tasks)
     if after is not None:
-        await rt.queue.enqueue(event.priority,
-                               Envelope(NotifyTask(event, after), rt.now_ms()))
         # Each page tells the outbox the event is still being worked on; a chain broken
         # by a lost entry is found by the sweeper FEEDSVC_SWEEP_AFTER later, which starts
-        # the event over (send-once keeps that to one send per delivery).
+        # the event over (send-once keeps that to one send per delivery). A page redone
+        # (its worker died before the ack) queues its successor again: the rest of the
+        # audience is then walked twice, which costs work but sends nothing twice.
         await rt.outbox.mark_queued(event.event_id, event.accepted_at, rt.now_ms(), ttl)
+        await rt.queue.enqueue(event.priority,
+                               Envelope(NotifyTask(event, after), rt.now_ms()))
     else:
         await rt.outbox.settle(event.event_id, event.accepted_at, ttl)
     return queued

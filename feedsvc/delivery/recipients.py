@@ -150,8 +150,12 @@ def device_from(device_id: str, body: DeviceIn) -> Device:
         if sub is None or body.token is not None:
             raise Unprocessable("a webpush device has a subscription and no token",
                                 code="invalid_field", field="subscription")
-        url = urlsplit(sub.endpoint)
-        if url.scheme not in ("https", "http") or not url.netloc:
+        try:
+            url = urlsplit(sub.endpoint)
+            scheme, host = url.scheme, url.hostname
+        except ValueError:  # an unbalanced "[", a bad port
+            scheme, host = "", None
+        if scheme not in ("https", "http") or not host:
             raise Unprocessable("subscription.endpoint must be an http(s) URL",
                                 code="invalid_field", field="subscription.endpoint")
         key = _b64url_bytes(sub.keys.p256dh)

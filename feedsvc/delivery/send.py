@@ -28,19 +28,26 @@ provider that de-duplicates (the test fakes do) answers without a second message
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
 from dataclasses import dataclass
 
-from feedsvc.delivery.notify import notification_id
+from feedsvc.delivery.notify import claim_key, notification_id
 from feedsvc.delivery.providers.base import Outgoing, TargetKind, WebPushKeys
 from feedsvc.delivery.providers.registry import Providers
 from feedsvc.delivery.recipients import Device, deactivate_contact
 from feedsvc.delivery.state import DeliveryRecord, DeliveryStatus
 from feedsvc.delivery.templates import EventVars, Template, render
-from feedsvc.errors import DeadTarget, ProviderRejected, ProviderUnavailable, RenderError
+from feedsvc.errors import (
+    DeadTarget,
+    ProviderRejected,
+    ProviderUnavailable,
+    RenderError,
+    RetryableError,
+)
 from feedsvc.model import ChannelTask, Envelope
 from feedsvc.runtime import Runtime
 
@@ -101,7 +108,7 @@ async def deliver(rt: Runtime, task: ChannelTask, providers: Providers, holder: 
 async def _log(rt: Runtime, task: ChannelTask, target: str, status: DeliveryStatus,
                reason: str | None = None, attempts: int = 0) -> None:
     await rt.delivery.log.record(
-        notification_id(task.event.event_id, task.user_id),
+        task.event.event_id, task.user_id,
         DeliveryRecord(task.channel, target, status, reason, attempts, rt.now_ms()),
         max(1, rt.ttl_left_s(task.event.created_at)))
 
@@ -172,14 +179,15 @@ def _data(task: ChannelTask, nid: str) -> dict[str, str]:
 async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers: Providers,
                       holder: str) -> None:
     nid = notification_id(task.event.event_id, task.user_id)
-    key = f"{nid}:{task.channel}:{target.target}"
+    key = f"{nid}:{task.channel}:{target.target}"  # the delivery key providers see
+    once = claim_key(task.event.event_id, task.user_id, task.channel, target.target)
     attempts = task.attempt if task.target == target.target else 0
     provider = providers.for_target(target.kind)
     if provider is None:
         await _log(rt, task, target.target, "suppressed", "channel_not_configured")
         return
     lease = rt.settings.provider_timeout * 2 + 5
-    state = await rt.delivery.once.claim(key, holder, lease)
+    state = await rt.delivery.once.claim(once, holder, lease)
     if state == "sent":
         return
     if state == "busy":  # another worker is sending it right now: look again later
@@ -190,32 +198,36 @@ async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers:
         receipt = await provider.send(Outgoing(
             key=key, kind=target.kind, address=target.address, title=title, body=body,
             data=_data(task, nid), priority=task.event.priority, webpush=target.webpush))
-    except ProviderUnavailable as exc:
-        await rt.delivery.once.release(key, holder)
+    except Exception as exc:
+        with contextlib.suppress(RetryableError):  # else the lease runs out by itself
+            await rt.delivery.once.release(once, holder)
+        await _not_sent(rt, task, target, exc, attempts)
+        return
+    await rt.delivery.once.mark_sent(once)
+    await _log(rt, task, target.target, "sent", None, attempts + 1)
+    log.debug("sent %s via %s (%s)", key, receipt.provider, receipt.message_id)
+
+
+async def _not_sent(rt: Runtime, task: ChannelTask, target: Target, exc: Exception,
+                    attempts: int) -> None:
+    """What a failed call leads to; anything but a provider's or the template's answer
+    (a store or queue outage, a bug) is raised again, for the task to be redone."""
+    if isinstance(exc, ProviderUnavailable):
         attempts += 1
         if attempts >= rt.settings.delivery_max_attempts:
             await _dead(rt, task, target, "exhausted", str(exc), attempts)
             return
-        delay = retry_delay(attempts, exc.retry_after)
-        await _reschedule(rt, task, target, attempts, delay)
         await _log(rt, task, target.target, "scheduled", exc.detail[:200], attempts)
-        return
-    except DeadTarget as exc:
-        await rt.delivery.once.release(key, holder)
+        await _reschedule(rt, task, target, attempts, retry_delay(attempts, exc.retry_after))
+    elif isinstance(exc, DeadTarget):
         await _deactivate(rt, task, target, exc.reason)
         await _log(rt, task, target.target, "failed", exc.reason, attempts + 1)
-        return
-    except ProviderRejected as exc:
-        await rt.delivery.once.release(key, holder)
+    elif isinstance(exc, ProviderRejected):
         await _dead(rt, task, target, "rejected", str(exc), attempts + 1)
-        return
-    except RenderError as exc:
-        await rt.delivery.once.release(key, holder)
+    elif isinstance(exc, RenderError):
         await _dead(rt, task, target, "render_error", str(exc), attempts)
-        return
-    await rt.delivery.once.mark_sent(key)
-    await _log(rt, task, target.target, "sent", None, attempts + 1)
-    log.debug("sent %s via %s (%s)", key, receipt.provider, receipt.message_id)
+    else:
+        raise exc
 
 
 def _narrowed(task: ChannelTask, target: Target, attempts: int, now: int) -> Envelope:

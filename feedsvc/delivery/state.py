@@ -45,10 +45,14 @@ class TemplateStore(Protocol):
 
 
 class DeliveryLog(Protocol):
-    async def record(self, notification_id: str, record: DeliveryRecord, ttl_s: int) -> None:
+    """Keyed by (event_id, user_id), not by the notification id's text: ids may contain
+    ``:``, so ``event:user`` alone could name two notifications."""
+
+    async def record(self, event_id: str, user_id: str, record: DeliveryRecord,
+                     ttl_s: int) -> None:
         """Upsert the record of (notification, channel, target)."""
 
-    async def records(self, notification_id: str) -> list[DeliveryRecord]:
+    async def records(self, event_id: str, user_id: str) -> list[DeliveryRecord]:
         """Every record of one notification, by channel then target."""
 
 

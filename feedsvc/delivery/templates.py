@@ -106,6 +106,9 @@ def check_template(template: Template) -> None:
                 raise Unprocessable(f"{field} does not compile: line {exc.lineno}: "
                                     f"{exc.message}", code="invalid_template",
                                     field=field) from exc
+            except (RecursionError, MemoryError, ValueError) as exc:  # absurd nesting, ...
+                raise Unprocessable(f"{field} does not compile: {type(exc).__name__}",
+                                    code="invalid_template", field=field) from exc
 
 
 def _valid_tag(tag: str) -> bool:

@@ -80,6 +80,9 @@ class Queue(Protocol):
 
     async def ack(self, delivery: Delivery) -> None: ...
 
+    async def touch(self, delivery: Delivery, consumer: str) -> None:
+        """The consumer is still working on the entry: it is not idle (not reclaimed)."""
+
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Record the entry in the dead-letter stream and acknowledge it."""
 

@@ -2,8 +2,8 @@
 
 For the embedded single-process mode. Entries are rows; ``claim`` marks a row with its
 consumer and time, ``ack`` deletes it. Entries claimed by a consumer that has been silent
-for ``claim_idle`` are claimable again, and on open every claim left by a previous process
-is released at once (one process owns the file), so nothing accepted is lost on a crash.
+for ``claim_idle`` are claimable again, so nothing accepted is lost on a crash. Writes of
+more than one statement run in one transaction (``SqliteFile.transaction``).
 Waiting consumers are woken by an in-process event rather than polling.
 """
 
@@ -63,8 +63,9 @@ class EmbeddedQueue(SqliteFile):
                 self.db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
         self.db.execute("CREATE INDEX IF NOT EXISTS entries_by_queue ON entries "
                         "(queue, priority, id)")
-        # One process owns the file: claims left by a previous one are released at once.
-        self.db.execute("UPDATE entries SET consumer = NULL, claimed_at = NULL")
+        # Claims left by a process that died are claimable once idle for claim_idle, like
+        # any other: releasing them here would also release a running process's (the CLI
+        # opens the file beside `feedsvc serve`).
 
     async def enqueue(self, priority: Priority, envelope: Envelope,
                       queue: QueueName = "fanout") -> str:
@@ -89,7 +90,7 @@ class EmbeddedQueue(SqliteFile):
 
     async def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         def insert() -> None:
-            with self.db:
+            with self.transaction():
                 self.db.executemany("INSERT INTO entries (priority, body, queued_at, queue, "
                                     "due_at) VALUES (?, ?, ?, ?, ?)", rows)
 
@@ -99,7 +100,7 @@ class EmbeddedQueue(SqliteFile):
     def _claim_one(self, consumer: str, queues: Sequence[QueueName]) -> Delivery | None:
         now = now_ms()
         marks = ",".join("?" * len(queues))
-        with self.db:
+        with self.transaction():
             row = self.db.execute(
                 f"SELECT id, priority, body, queue FROM entries WHERE queue IN ({marks}) "
                 "AND (due_at IS NULL OR due_at <= ?) AND (consumer IS NULL OR claimed_at < ?) "
@@ -144,12 +145,17 @@ class EmbeddedQueue(SqliteFile):
             self.db.execute, "DELETE FROM entries WHERE id = ?", (int(delivery.entry_id),)
         )
 
+    async def touch(self, delivery: Delivery, consumer: str) -> None:
+        await self._run(self.db.execute,
+                        "UPDATE entries SET claimed_at = ? WHERE id = ? AND consumer = ?",
+                        (now_ms(), int(delivery.entry_id), consumer))
+
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         record = DeadLetter(delivery.entry_id, delivery.priority, reason, detail[:1000],
                             now_ms(), delivery.envelope, queue=delivery.queue)
 
         def move() -> None:
-            with self.db:
+            with self.transaction():
                 self.db.execute(
                     "INSERT INTO dead_letters (body) VALUES (?)", (msgspec.msgpack.encode(record),)
                 )
@@ -169,7 +175,9 @@ class EmbeddedQueue(SqliteFile):
                 for dlq_id, body in rows]
 
     async def dead_letters(self, limit: int, before: str | None = None) -> list[DeadLetter]:
-        below = int(before) if before and before.isascii() and before.isdigit() else None
+        if before and not _row_id(before):
+            return []
+        below = int(before) if before else None
         rows = await self._run(
             lambda: self.db.execute(
                 "SELECT id, body FROM dead_letters WHERE ? IS NULL OR id < ? "
@@ -179,7 +187,7 @@ class EmbeddedQueue(SqliteFile):
         return self._letters(rows)
 
     async def dead_letter_get(self, dlq_id: str) -> DeadLetter | None:
-        if not (dlq_id.isascii() and dlq_id.isdigit()):
+        if not _row_id(dlq_id):
             return None
         rows = await self._run(lambda: self.db.execute(
             "SELECT id, body FROM dead_letters WHERE id = ?", (int(dlq_id),)).fetchall())
@@ -193,7 +201,7 @@ class EmbeddedQueue(SqliteFile):
         envelope = msgspec.structs.replace(letter.envelope, enqueued_at=now_ms())
 
         def move() -> bool:
-            with self.db:
+            with self.transaction():
                 gone = self.db.execute("DELETE FROM dead_letters WHERE id = ?", (int(dlq_id),))
                 if gone.rowcount != 1:
                     return False
@@ -252,3 +260,8 @@ class EmbeddedQueue(SqliteFile):
 
 
 _letter_decoder = msgspec.msgpack.Decoder(DeadLetter)
+
+
+def _row_id(text: str) -> bool:
+    """A dead letter id this queue can have made: a row id (that fits SQLite's integer)."""
+    return text.isascii() and text.isdigit() and len(text) <= 18

@@ -65,7 +65,16 @@ for _, member in ipairs(due) do
 end
 return #due
 """
-_DLQ_ID = re.compile(r"^(?:(\d{1,4}):)?(\d{1,20}-\d{1,20})$")
+# Removes dead letter ARGV[1] from KEYS[1] and, only if it was there, queues ARGV[2] on
+# the stream KEYS[2].
+_REPLAY = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
+  return 1
+end
+return 0
+"""
+_DLQ_ID = re.compile(r"^(?:([0-9]{1,4}):)?([0-9]{1,18}-[0-9]{1,18})$")
 # Takes a lease that is free, or renews it for the holder that has it.
 _RENEW = """
 local holder = redis.call('GET', KEYS[1])
@@ -305,7 +314,7 @@ class RedisQueue:
                 stream = self.stream_keys[key]
                 reply: Any = await self.redis.xautoclaim(
                     stream, GROUP, consumer, min_idle_time=self.claim_idle_ms,
-                    start_id="0-0", count=16,
+                    start_id="0-0", count=1,  # more would sit idle in this one's buffer
                 )
                 buffer.extend(await self._deliveries(stream, reply[1]))
             if buffer:
@@ -346,6 +355,12 @@ class RedisQueue:
                 if not _no_group(exc):
                     raise
                 # Redis lost the stream since the claim: the entry is gone already.
+
+    async def touch(self, delivery: Delivery, consumer: str) -> None:
+        stream = self.stream_keys[delivery.shard, delivery.queue, delivery.priority]
+        with redis_errors():  # XCLAIM to itself, JUSTID: resets the idle time, nothing else
+            await self.redis.xclaim(stream, GROUP, consumer, 0, [delivery.entry_id],
+                                    justid=True)
 
     async def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         with redis_errors():
@@ -434,15 +449,15 @@ class RedisQueue:
             return False
         shard, entry_id = parsed
         # A new entry with a new queued time: a low task is not shed again at once. It goes
-        # back to its own shard, in the same transaction (one slot) as the removal.
+        # back to its own shard, and only by the call that removed the dead letter (two
+        # replays at once queue it once): one script, one slot.
         envelope = msgspec.structs.replace(letter.envelope, enqueued_at=now_ms())
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.stream_keys[shard, letter.queue, letter.priority],
-                          {_FIELD: encode_envelope(envelope)})
-                pipe.xdel(self.dlq_keys[shard], entry_id)
-                _, removed = await pipe.execute()
-        return bool(removed)
+            moved = await self.redis.eval(
+                _REPLAY, 2, self.dlq_keys[shard], self.stream_keys[shard, letter.queue,
+                                                                   letter.priority],
+                entry_id, encode_envelope(envelope))
+        return bool(moved)
 
     async def stats(self) -> QueueStats:
         keys = list(self.stream_keys)

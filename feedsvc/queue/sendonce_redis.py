@@ -37,7 +37,7 @@ class RedisSendOnce:
                 pipe.set(name, holder, nx=True, px=max(1, int(lease_s * 1000)))
                 pipe.get(name)
                 taken, value = await pipe.execute()
-        if taken:
+        if taken or value == holder.encode():  # (a claim retried after a lost answer)
             return "claimed"
         return "sent" if value == _SENT else "busy"
 

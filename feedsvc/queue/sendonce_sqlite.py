@@ -28,7 +28,7 @@ class SqliteSendOnce:
     async def claim(self, key: str, holder: str, lease_s: float) -> ClaimState:
         def claim() -> ClaimState:
             db, now = self.queue.db, now_ms()
-            with db:
+            with self.queue.transaction():
                 row = db.execute("SELECT sent, until_ms FROM send_once WHERE key = ?",
                                  (key,)).fetchone()
                 if row is not None and row[1] > now:

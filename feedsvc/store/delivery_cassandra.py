@@ -14,10 +14,10 @@ from feedsvc.store.cassandra import CassandraStore
 _STATEMENTS = {
     "put_template": "INSERT INTO {ks}.templates_by_name (name, body) VALUES (?, ?)",
     "template": "SELECT body FROM {ks}.templates_by_name WHERE name = ?",
-    "record": "INSERT INTO {ks}.deliveries_by_notification (notification_id, channel, "
-              "target, body) VALUES (?, ?, ?, ?) USING TTL ?",
-    "records": "SELECT body FROM {ks}.deliveries_by_notification WHERE notification_id = ? "
-               "LIMIT 1000",
+    "record": "INSERT INTO {ks}.deliveries_by_notification (event_id, user_id, channel, "
+              "target, body) VALUES (?, ?, ?, ?, ?) USING TTL ?",
+    "records": "SELECT body FROM {ks}.deliveries_by_notification WHERE event_id = ? AND "
+               "user_id = ? LIMIT 1000",
 }
 
 _encoder = msgspec.msgpack.Encoder()
@@ -42,10 +42,11 @@ class CassandraDeliveryStore:
         rows = await self.store.run(self._ps["template"], name)
         return _template.decode(rows[0][0]) if rows else None
 
-    async def record(self, notification_id: str, record: DeliveryRecord, ttl_s: int) -> None:
-        await self.store.run(self._ps["record"], notification_id, record.channel,
+    async def record(self, event_id: str, user_id: str, record: DeliveryRecord,
+                     ttl_s: int) -> None:
+        await self.store.run(self._ps["record"], event_id, user_id, record.channel,
                              record.target, _encoder.encode(record), max(1, ttl_s))
 
-    async def records(self, notification_id: str) -> list[DeliveryRecord]:
-        rows = await self.store.run(self._ps["records"], notification_id)
+    async def records(self, event_id: str, user_id: str) -> list[DeliveryRecord]:
+        rows = await self.store.run(self._ps["records"], event_id, user_id)
         return [_record.decode(row[0]) for row in rows]

@@ -14,10 +14,10 @@ from feedsvc.store.sqlite import SqliteStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS templates_by_name (name TEXT PRIMARY KEY, body BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS deliveries_by_notification (
-    notification_id TEXT NOT NULL, channel TEXT NOT NULL, target TEXT NOT NULL,
-    body BLOB NOT NULL, expires_at INTEGER NOT NULL,
-    PRIMARY KEY (notification_id, channel, target));
+CREATE TABLE IF NOT EXISTS deliveries_by_recipient (
+    event_id TEXT NOT NULL, user_id TEXT NOT NULL, channel TEXT NOT NULL,
+    target TEXT NOT NULL, body BLOB NOT NULL, expires_at INTEGER NOT NULL,
+    PRIMARY KEY (event_id, user_id, channel, target));
 """
 
 _encoder = msgspec.msgpack.Encoder()
@@ -46,15 +46,16 @@ class SqliteDeliveryStore:
             "SELECT body FROM templates_by_name WHERE name = ?", (name,)).fetchone())
         return _template.decode(row[0]) if row else None
 
-    async def record(self, notification_id: str, record: DeliveryRecord, ttl_s: int) -> None:
+    async def record(self, event_id: str, user_id: str, record: DeliveryRecord,
+                     ttl_s: int) -> None:
         await self.store._run(
             self.store.db.execute,
-            "INSERT OR REPLACE INTO deliveries_by_notification VALUES (?, ?, ?, ?, ?)",
-            (notification_id, record.channel, record.target, _encoder.encode(record),
+            "INSERT OR REPLACE INTO deliveries_by_recipient VALUES (?, ?, ?, ?, ?, ?)",
+            (event_id, user_id, record.channel, record.target, _encoder.encode(record),
              now_ms() + max(1, ttl_s) * 1000))
 
-    async def records(self, notification_id: str) -> list[DeliveryRecord]:
+    async def records(self, event_id: str, user_id: str) -> list[DeliveryRecord]:
         rows = await self.store._run(lambda: self.store.db.execute(
-            "SELECT body FROM deliveries_by_notification WHERE notification_id = ? AND "
-            "expires_at > ? ORDER BY channel, target", (notification_id, now_ms())).fetchall())
+            "SELECT body FROM deliveries_by_recipient WHERE event_id = ? AND user_id = ? AND "
+            "expires_at > ? ORDER BY channel, target", (event_id, user_id, now_ms())).fetchall())
         return [_record.decode(row[0]) for row in rows]

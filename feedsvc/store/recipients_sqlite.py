@@ -43,7 +43,7 @@ class SqliteRecipients:
     async def put_device(self, user_id: str, device: Device) -> bool:
         def put() -> bool:
             db = self.store.db
-            with db:
+            with self.store.transaction():
                 others = db.execute(
                     "SELECT count(*) FROM devices_by_user WHERE user_id = ? AND device_id != ?",
                     (user_id, device.device_id)).fetchone()[0]
@@ -69,7 +69,7 @@ class SqliteRecipients:
     async def deactivate_device(self, user_id: str, device: Device, reason: str) -> None:
         def deactivate() -> None:
             db = self.store.db
-            with db:
+            with self.store.transaction():
                 row = db.execute("SELECT body FROM devices_by_user WHERE user_id = ? AND "
                                  "device_id = ?", (user_id, device.device_id)).fetchone()
                 if row is None:

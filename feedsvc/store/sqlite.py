@@ -198,7 +198,7 @@ class SqliteStore(SqliteFile):
         ]
 
         def write() -> None:
-            with self.db:
+            with self.transaction():
                 self.db.executemany(
                     "INSERT OR REPLACE INTO inbox_by_user VALUES (?, ?, ?, ?, ?, ?, ?)", rows
                 )
@@ -250,7 +250,7 @@ class SqliteStore(SqliteFile):
 
         def purge() -> None:
             now = now_ms()
-            with self.db:
+            with self.transaction():
                 for table in ("events_by_id", "events_by_author", "pull_authors",
                               "inbox_by_user", "outbox_by_bucket"):
                     self.db.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
