@@ -236,6 +236,10 @@ async def test_templates_and_notify_validation(setup: Setup) -> None:
                                 {"locales": {"fr": {"title": "t", "body": "b"}}})
     assert status == 422
     assert (await s.call("GET", "/v1/templates/broken"))[0] == 404
+    nested = "{{" + "(" * 1300 + "1" + ")" * 1300 + "}}"
+    status, body = await s.call("PUT", "/v1/templates/nested",
+                                {"locales": {"en": {"title": nested, "body": "x"}}})
+    assert (status, body["error"]["code"]) == (422, "invalid_template")
     strict = {"locales": {"en": {"title": "{{ data.missing }}", "body": "b"}}}
     assert await s.call("PUT", "/v1/templates/strict", strict) == (200, strict)
     assert await s.call("GET", "/v1/templates/strict") == (200, strict)
@@ -295,3 +299,30 @@ async def test_a_lost_notify_task_is_swept_and_sends_once(setup: Setup) -> None:
     assert set(s.fakes.fcm.ledger.accepted) == {f"{event_id}:{f}:push:android" for f in fans}
     await asyncio.sleep(api.rt.settings.sweep_after + 0.1)
     assert (await Sweeper(api.rt, "test").sweep_once()).requeued == 0  # settled now
+
+
+async def test_ids_with_colons_do_not_share_a_log_or_a_send(setup: Setup) -> None:
+    """``event:user`` could name two notifications when ids contain ':'; the log and the
+    send-once claims are keyed apart, so each recipient sees only their own."""
+    s, api = setup, setup.api
+    author = api.user("author")
+    first, second = api.user("a"), api.user("a") + ":x"
+    await api.bulk([(first, author), (second, author)])
+    await register(s, first, fcm="tok-1")
+    await register(s, second, fcm="tok-2")
+    event_id = await api.post_ok(author, notify={"channels": ["push"],
+                                                 "message": {"title": "t", "body": "b"}})
+    await s.deliver_all()
+    assert {r["token"] for r in s.fakes.fcm.ledger.accepted.values()} == {"tok-1", "tok-2"}
+    status, body = await s.call("GET", f"/v1/events/{event_id}/deliveries/{second}",
+                                headers=api.token(second))
+    assert status == 200 and body["notification_id"] == f"{event_id}:{second}"
+    assert [d["status"] for d in body["deliveries"]] == ["sent"]
+
+
+async def test_dead_letter_ids_out_of_range_are_4xx(setup: Setup) -> None:
+    s = setup
+    for bad in ("9" * 19, "9" * 19 + "-0", "x", "1:2:3"):
+        assert (await s.call("POST", f"/v1/dlq/{bad}/replay"))[0] == 400, bad
+        assert (await s.call("GET", f"/v1/dlq?cursor={bad}"))[0] == 400, bad
+    assert (await s.call("POST", "/v1/dlq/12345-0/replay"))[0] == 404

@@ -94,6 +94,8 @@ async def test_device_validation_and_the_limit(make_api: MakeApi) -> None:
         ({"platform": "webpush", "token": "t"}, "subscription"),
         ({"platform": "webpush", "subscription": {**SUBSCRIPTION, "endpoint": "ftp://x/y"}},
          "subscription.endpoint"),
+        ({"platform": "webpush", "subscription": {**SUBSCRIPTION, "endpoint": "http://[x"}},
+         "subscription.endpoint"),
         ({"platform": "webpush", "subscription": {**SUBSCRIPTION, "keys": {
             "p256dh": b64url(bytes(65)), "auth": b64url(bytes(16))}}},
          "subscription.keys.p256dh"),
