@@ -39,6 +39,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
     if not settings.embedded:
         env["FEEDSVC_CASSANDRA_HOSTS"] = ",".join(settings.cassandra_hosts)
         env["FEEDSVC_REDIS_URL"] = settings.redis_url or ""
+        env["FEEDSVC_REDIS_CLUSTER"] = str(settings.redis_cluster).lower()
+        env["FEEDSVC_QUEUE_SHARDS"] = str(settings.queue_shards)
     return env
 
 
