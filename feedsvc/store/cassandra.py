@@ -170,7 +170,10 @@ def connect_cluster(hosts: Sequence[str], *, request_timeout: float = 30.0,
         execution_profiles={EXEC_PROFILE_DEFAULT: profile(), TUPLES: profile(
             row_factory=tuple_factory)},
         connect_timeout=min(10.0, request_timeout), control_connection_timeout=10,
-        reconnection_policy=ExponentialReconnectionPolicy(base_delay=0.25, max_delay=2.0),
+        # Never give up on a node (the default schedule ends after 64 tries, about two
+        # minutes at this delay: a node down longer would never be used again).
+        reconnection_policy=ExponentialReconnectionPolicy(base_delay=0.25, max_delay=2.0,
+                                                          max_attempts=None),
     )
     try:
         session = cluster.connect()
