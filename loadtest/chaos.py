@@ -307,10 +307,15 @@ async def run_scenario(env: Env, keyspace: str, name: str, posts: int, rate: flo
         follows = [{"user_id": u, "author_id": a} for a, us in followers.items() for u in us]
         async with aiohttp.ClientSession() as session:
             for start in range(0, len(follows), 10_000):
-                async with session.post(f"{url}/v1/follows/bulk", headers={
-                        "Authorization": f"Bearer {SERVICE_KEY}"},
-                        json={"follows": follows[start:start + 10_000]}) as response:
-                    assert response.status == 200, await response.text()
+                for attempt in range(10):  # a 503 is retried, as any client would
+                    async with session.post(f"{url}/v1/follows/bulk", headers={
+                            "Authorization": f"Bearer {SERVICE_KEY}"},
+                            json={"follows": follows[start:start + 10_000]}) as response:
+                        if response.status == 503 and attempt < 9:
+                            await asyncio.sleep(2.0)
+                            continue
+                        assert response.status == 200, await response.text()
+                        break
         log(f"{name}: {len(follows)} follows; posting {posts} events at {rate}/s")
         stop_reading = asyncio.Event()
         readers = [asyncio.create_task(read_loop(url, users, stop_reading, tally))
