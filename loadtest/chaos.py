@@ -102,6 +102,14 @@ class Fleet:
     def workers_alive(self) -> int:
         return sum(w.poll() is None for w in self.workers)
 
+    def exited(self) -> list[str]:
+        """The processes that ended on their own (not killed by a fault), with their exit
+        status: none should."""
+        procs = [("api", self.api)] if self.api else []
+        procs += [(f"worker pid {w.pid}", w) for w in self.workers]
+        return [f"{name}: {proc.returncode}" for name, proc in procs
+                if proc.poll() is not None]
+
     def stop(self) -> None:
         for proc in [*self.workers, *([self.api] if self.api else [])]:
             if proc.poll() is None:
@@ -334,6 +342,9 @@ async def run_scenario(env: Env, keyspace: str, name: str, posts: int, rate: flo
                 break
             await asyncio.sleep(2.0)
         recovery = time.monotonic() - started
+        exited = fleet.exited()
+        if exited:
+            log(f"{name}: processes that ended on their own: {', '.join(exited)}")
         stop_reading.set()
         await asyncio.gather(*readers)
     finally:
@@ -343,7 +354,8 @@ async def run_scenario(env: Env, keyspace: str, name: str, posts: int, rate: flo
            "lost": lost, "duplicated": duplicated, "reads": tally.reads,
            "read_duplicates": tally.read_duplicates, "read_disorder": tally.read_disorder,
            "5xx_not_503": server_errors, "refused": dict(tally.refused),
-           "statuses": dict(tally.statuses), "recovery_s": round(recovery, 1)}
+           "statuses": dict(tally.statuses), "recovery_s": round(recovery, 1),
+           "exited": exited}
     log(f"{name}: {json.dumps(row)}")
     return row
 

@@ -23,4 +23,5 @@ async def test_node_and_primary_faults_lose_and_duplicate_nothing(
         print("\n" + chaos.table(rows))
     for row in rows:
         assert (row["lost"], row["duplicated"], row["5xx_not_503"]) == (0, 0, 0), row
+        assert row["exited"] == [], row  # no process ended on its own
         assert row["accepted"] == args.posts, row  # clients retry: everything accepted
