@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import web
 
 from feedsvc.api.app import RUNTIME, Access, Handler, json_response
+from feedsvc.api.params import path_id, query_limit
 from feedsvc.api.recipients import own_user, read_json
 from feedsvc.delivery.notify import notification_id
 from feedsvc.delivery.state import DeliveryRecord
@@ -60,15 +61,8 @@ class Replayed(msgspec.Struct):
     replayed: bool
 
 
-def _path(request: web.Request, name: str, pattern: re.Pattern[str], rule: str) -> str:
-    value = request.match_info[name]
-    if not pattern.search(value):
-        raise InvalidRequest(f"{name} must be {rule}", code="invalid_path", field=name)
-    return value
-
-
 def _name(request: web.Request) -> str:
-    return _path(request, "name", _TEMPLATE_NAME, "1-64 of A-Z a-z 0-9 . _ -")
+    return path_id(request, "name", _TEMPLATE_NAME, "1-64 of A-Z a-z 0-9 . _ -")
 
 
 async def put_template(request: web.Request) -> web.Response:
@@ -87,7 +81,7 @@ async def get_template(request: web.Request) -> web.Response:
 
 
 async def get_deliveries(request: web.Request) -> web.Response:
-    event_id = _path(request, "event_id", _EVENT_ID, "1-128 of A-Z a-z 0-9 . _ : -")
+    event_id = path_id(request, "event_id", _EVENT_ID, "1-128 of A-Z a-z 0-9 . _ : -")
     user_id = own_user(request)
     records = await request.app[RUNTIME].delivery.log.records(event_id, user_id)
     return json_response(Deliveries(notification_id(event_id, user_id), records))
@@ -104,8 +98,6 @@ def key_of(letter: DeadLetter) -> str:
 
 
 async def get_dlq(request: web.Request) -> web.Response:
-    from feedsvc.api.routes import query_limit
-
     limit = query_limit(request, 50, 500)
     cursor = request.query.get("cursor")
     if cursor is not None and not _DLQ_ID.search(cursor):
@@ -121,7 +113,7 @@ async def get_dlq(request: web.Request) -> web.Response:
 
 
 async def replay_dead_letter(request: web.Request) -> web.Response:
-    entry_id = _path(request, "entry_id", _DLQ_ID, "a dead letter's entry_id")
+    entry_id = path_id(request, "entry_id", _DLQ_ID, "a dead letter's entry_id")
     if not await request.app[RUNTIME].queue.replay(entry_id):
         raise NotFound("no such dead letter")
     return json_response(Replayed(True))

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from feedsvc import intake
 from feedsvc.api.app import RUNTIME, Access, Handler, json_response, principal_of
+from feedsvc.api.params import path_id, read_body
 from feedsvc.delivery.recipients import (
     MAX_DEVICES,
     Contacts,
@@ -29,8 +30,8 @@ from feedsvc.delivery.recipients import (
     device_from,
     preferences_from,
 )
-from feedsvc.errors import Forbidden, InvalidRequest, Unprocessable
-from feedsvc.model import ID_RULE, MAX_BODY_BYTES
+from feedsvc.errors import Forbidden, Unprocessable
+from feedsvc.model import MAX_BODY_BYTES
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -38,9 +39,7 @@ S = TypeVar("S", bound=msgspec.Struct)
 def own_user(request: web.Request, name: str = "user_id") -> str:
     """The path's user id, if the caller may manage that user's data (service key, or the
     user's own token)."""
-    user_id = request.match_info[name]
-    if not intake.valid_id(user_id):
-        raise InvalidRequest(f"{name} must be {ID_RULE}", code="invalid_path", field=name)
+    user_id = path_id(request, name)
     principal = principal_of(request)
     if not principal.service and principal.user_id != user_id:
         raise Forbidden("a user token can only manage its own user's data")
@@ -50,8 +49,6 @@ def own_user(request: web.Request, name: str = "user_id") -> str:
 async def read_json(request: web.Request, into: type[S]) -> S:
     """The request body as ``into``: 415/413/408 as for every JSON route, 400 for malformed
     JSON, a 422 naming the field for a shape error."""
-    from feedsvc.api.routes import read_body
-
     body, _ = intake.decode_body(await read_body(request, MAX_BODY_BYTES), into)
     return body
 
@@ -59,17 +56,9 @@ async def read_json(request: web.Request, into: type[S]) -> S:
 # --- devices ---------------------------------------------------------------------------------
 
 
-def _device_id(request: web.Request) -> str:
-    device_id = request.match_info["device_id"]
-    if not intake.valid_id(device_id):
-        raise InvalidRequest(f"device_id must be {ID_RULE}", code="invalid_path",
-                             field="device_id")
-    return device_id
-
-
 async def put_device(request: web.Request) -> web.Response:
     user_id = own_user(request)
-    device_id = _device_id(request)
+    device_id = path_id(request, "device_id")
     device = device_from(device_id, await read_json(request, DeviceIn))
     if not await request.app[RUNTIME].recipients.put_device(user_id, device):
         raise Unprocessable(f"a user has at most {MAX_DEVICES} devices",
@@ -79,7 +68,7 @@ async def put_device(request: web.Request) -> web.Response:
 
 async def delete_device(request: web.Request) -> web.Response:
     user_id = own_user(request)
-    await request.app[RUNTIME].recipients.delete_device(user_id, _device_id(request))
+    await request.app[RUNTIME].recipients.delete_device(user_id, path_id(request, "device_id"))
     return web.Response(status=204)
 
 

@@ -18,14 +18,12 @@ from aiohttp import web
 from feedsvc import graph, intake, timeline
 from feedsvc.api.app import RUNTIME, Access, Handler, error_response, json_response, principal_of
 from feedsvc.api.openapi import spec
+from feedsvc.api.params import path_id, query_limit, read_body
 from feedsvc.errors import (
     Forbidden,
     InvalidRequest,
-    PayloadTooLarge,
-    RequestTimeout,
     RetryableError,
     Unprocessable,
-    UnsupportedMediaType,
 )
 from feedsvc.model import (
     CURSOR_PATTERN,
@@ -49,24 +47,6 @@ def rfc3339(ms: int) -> str:
 
 
 _CURSOR = re.compile(CURSOR_PATTERN)
-
-
-def query_limit(request: web.Request, default: int, maximum: int) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return default
-    # Length first: int() of a long digit string is slow, and past 4,300 digits it raises.
-    if not (len(raw) <= 6 and raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
-        raise InvalidRequest(f"limit must be an integer from 1 to {maximum}",
-                             code="invalid_query", field="limit")
-    return int(raw)
-
-
-def _path_id(request: web.Request, name: str) -> str:
-    value = request.match_info[name]
-    if not intake.valid_id(value):
-        raise InvalidRequest(f"{name} must be {ID_RULE}", code="invalid_path", field=name)
-    return value
 
 
 def _cursor(request: web.Request) -> str | None:
@@ -101,29 +81,6 @@ def _unopaque(request: web.Request) -> str | None:
 # --- events ----------------------------------------------------------------------------
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The JSON request body: 415 unless it is sent as ``application/json``; 413 as soon as
-    it exceeds ``limit`` bytes (by its Content-Length, or while reading a chunked body)
-    without reading the rest; 408 when it has not all arrived within FEEDSVC_BODY_TIMEOUT."""
-    if request.content_type != "application/json":  # parameters (charset=...) are allowed
-        raise UnsupportedMediaType("send the body as Content-Type: application/json",
-                                   field="Content-Type")
-    too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(request.app[RUNTIME].settings.body_timeout):
-            while chunk := await request.content.read(65_536):
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout("the request body did not arrive in time") from None
-    return b"".join(chunks)
-
-
 async def post_event(request: web.Request) -> web.Response:
     raw = await read_body(request, MAX_BODY_BYTES)
     status, body = await intake.accept(request.app[RUNTIME], raw)
@@ -132,7 +89,7 @@ async def post_event(request: web.Request) -> web.Response:
 
 async def author_events(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    author_id = _path_id(request, "user_id")
+    author_id = path_id(request, "user_id")
     limit = query_limit(request, 50, 200)
     cursor = _cursor(request)
     before = timeline.decode_cursor(cursor).position if cursor else None
@@ -186,14 +143,14 @@ async def get_inbox(request: web.Request) -> web.Response:
 
 
 async def put_following(request: web.Request) -> web.Response:
-    await graph.follow(request.app[RUNTIME], _path_id(request, "user_id"),
-                       _path_id(request, "author_id"))
+    await graph.follow(request.app[RUNTIME], path_id(request, "user_id"),
+                       path_id(request, "author_id"))
     return web.Response(status=204)
 
 
 async def delete_following(request: web.Request) -> web.Response:
-    await graph.unfollow(request.app[RUNTIME], _path_id(request, "user_id"),
-                         _path_id(request, "author_id"))
+    await graph.unfollow(request.app[RUNTIME], path_id(request, "user_id"),
+                         path_id(request, "author_id"))
     return web.Response(status=204)
 
 
@@ -212,7 +169,7 @@ async def post_bulk(request: web.Request) -> web.Response:
 
 async def get_user(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    user_id = _path_id(request, "user_id")
+    user_id = path_id(request, "user_id")
     (followers, following), mode = await _counts_and_mode(request, user_id)
     celebrity = graph.next_mode(mode, followers, rt.settings.celebrity_threshold) == "pull"
     return json_response(UserOut(user_id, followers, following, celebrity))
@@ -226,7 +183,7 @@ async def _counts_and_mode(request: web.Request, user_id: str) -> tuple[tuple[in
 async def get_followers(request: web.Request) -> web.Response:
     store = request.app[RUNTIME].store
     ids, after = await store.followers_page(
-        _path_id(request, "user_id"), _unopaque(request), query_limit(request, 100, 1000)
+        path_id(request, "user_id"), _unopaque(request), query_limit(request, 100, 1000)
     )
     return json_response(IdPageOut(ids, _opaque(after)))
 
@@ -234,7 +191,7 @@ async def get_followers(request: web.Request) -> web.Response:
 async def get_following(request: web.Request) -> web.Response:
     store = request.app[RUNTIME].store
     ids, after = await store.following_page(
-        _path_id(request, "user_id"), _unopaque(request), query_limit(request, 100, 1000)
+        path_id(request, "user_id"), _unopaque(request), query_limit(request, 100, 1000)
     )
     return json_response(IdPageOut(ids, _opaque(after)))
 

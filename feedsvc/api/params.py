@@ -1,0 +1,58 @@
+"""Request parameters every route module reads the same way: path ids, ``limit``, and the
+JSON body (415, 413, 408). One place, so a rule and its error answer cannot drift."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from aiohttp import web
+
+from feedsvc.api.app import RUNTIME
+from feedsvc.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from feedsvc.model import ID_PATTERN, ID_RULE
+
+_ID = re.compile(ID_PATTERN)
+
+
+def query_limit(request: web.Request, default: int, maximum: int) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    # Length first: int() of a long digit string is slow, and past 4,300 digits it raises.
+    if not (len(raw) <= 6 and raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
+        raise InvalidRequest(f"limit must be an integer from 1 to {maximum}",
+                             code="invalid_query", field="limit")
+    return int(raw)
+
+
+def path_id(request: web.Request, name: str, pattern: re.Pattern[str] = _ID,
+            rule: str = ID_RULE) -> str:
+    """A path parameter checked against its rule (by default the id rule): 400 if not."""
+    value = request.match_info[name]
+    if not pattern.search(value):
+        raise InvalidRequest(f"{name} must be {rule}", code="invalid_path", field=name)
+    return value
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The JSON request body: 415 unless it is sent as ``application/json``; 413 as soon as
+    it exceeds ``limit`` bytes (by its Content-Length, or while reading a chunked body)
+    without reading the rest; 408 when it has not all arrived within FEEDSVC_BODY_TIMEOUT."""
+    if request.content_type != "application/json":  # parameters (charset=...) are allowed
+        raise UnsupportedMediaType("send the body as Content-Type: application/json",
+                                   field="Content-Type")
+    too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(request.app[RUNTIME].settings.body_timeout):
+            while chunk := await request.content.read(65_536):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time") from None
+    return b"".join(chunks)
