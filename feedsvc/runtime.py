@@ -70,13 +70,16 @@ class WorkerHealth:
 @dataclass(frozen=True)
 class Runtime:
     settings: Settings
-    store: Store
+    store: BackendStore  # the feed's data and, beside it, the outbox
     queue: Queue
-    outbox: Outbox  # both stores implement it beside ``Store``: pass the same object
     recipients: Recipients  # delivery: devices, contacts, preferences
     delivery: DeliveryState  # delivery: templates, the delivery log, send-once claims
     pull_set: PullSetCache = field(default_factory=PullSetCache)
     health: WorkerHealth = field(default_factory=lambda: WorkerHealth())
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.store
 
     def now_ms(self) -> int:
         return now_ms()
@@ -184,7 +187,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         queue = await open_queue(settings)
         try:
             delivery = await open_delivery(store, queue)
-            yield Runtime(settings, store, queue, outbox=store, recipients=recipients,
+            yield Runtime(settings, store, queue, recipients=recipients,
                           delivery=delivery)
         finally:
             await queue.close()

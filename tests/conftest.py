@@ -158,11 +158,11 @@ async def make_runtime(
                 cluster=settings.redis_cluster)
             opened.append(queue.close)
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
-            return Runtime(settings, store, queue, outbox=store,
+            return Runtime(settings, store, queue,
                            recipients=cassandra_recipients,
                            delivery=await open_delivery(store, queue))
         opened.append(queue.close)
-        return Runtime(settings, store, queue, outbox=store, recipients=recipients,
+        return Runtime(settings, store, queue, recipients=recipients,
                        delivery=await open_delivery(store, queue))
 
     yield factory

@@ -276,7 +276,7 @@ async def cassandra_runtime(
     queue = await RedisQueue.open(private_redis.url, prefix=prefix, claim_idle=1.0,
                                   request_timeout=2.0)
     try:
-        yield Runtime(settings, cassandra_store, queue, outbox=cassandra_store,
+        yield Runtime(settings, cassandra_store, queue,
                       recipients=cassandra_recipients,
                       delivery=await open_delivery(cassandra_store, queue))
     finally:
