@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feedsvc.delivery.policy import DEFAULT_NOTIFY_RATE, parse_notify_rate
 from feedsvc.errors import ConfigError
 from feedsvc.ratelimit import Rate
 
@@ -123,6 +124,13 @@ def _replication(text: str) -> str:
 CONSISTENCY_LEVELS = ("ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM",
                       "EACH_QUORUM", "LOCAL_ONE")
 SERIAL_LEVELS = ("SERIAL", "LOCAL_SERIAL")
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError("must be a share between 0 (exclusive) and 1")
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -246,6 +254,18 @@ _VARS: tuple[_Var, ...] = (
          "timeout of one provider call (default 10s)"),
     _Var("delivery_max_attempts", "FEEDSVC_DELIVERY_MAX_ATTEMPTS", _positive_int,
          "provider calls per delivery before it is dead-lettered (default 8)"),
+    # Delivery policy (feedsvc/delivery/policy.py, breaker.py).
+    _Var("notify_rate", "FEEDSVC_NOTIFY_RATE", parse_notify_rate,
+         "deliveries per recipient and channel per window; more roll into a digest "
+         "(default push=10/1h,sms=3/1h,email=3/1h)"),
+    _Var("breaker_failures", "FEEDSVC_BREAKER_FAILURES", _positive_int,
+         "consecutive failures that open a provider's circuit breaker (default 5)"),
+    _Var("breaker_ratio", "FEEDSVC_BREAKER_RATIO", _ratio,
+         "share of failed calls over the window that opens it (default 0.5)"),
+    _Var("breaker_window", "FEEDSVC_BREAKER_WINDOW", _positive_duration,
+         "the breaker's sliding window (default 60s)"),
+    _Var("breaker_cooldown", "FEEDSVC_BREAKER_COOLDOWN", _positive_duration,
+         "how long an open breaker fails fast before a probe call (default 30s)"),
 )
 
 
@@ -307,6 +327,12 @@ class Settings:
     console_channels: tuple[str, ...] = ()
     provider_timeout: float = 10.0
     delivery_max_attempts: int = 8
+    # Delivery policy.
+    notify_rate: Mapping[str, Rate] = field(default_factory=lambda: dict(DEFAULT_NOTIFY_RATE))
+    breaker_failures: int = 5
+    breaker_ratio: float = 0.5
+    breaker_window: float = 60.0
+    breaker_cooldown: float = 30.0
 
     @property
     def embedded(self) -> bool:

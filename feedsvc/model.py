@@ -82,6 +82,17 @@ class MessageIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     body: Annotated[str, msgspec.Meta(max_length=4096)]
 
 
+MAX_ESCALATE_AFTER_S = 7 * 86_400
+
+
+class EscalateIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``notify.escalate``: if the push is not opened within ``after`` seconds, send once
+    on the first of ``to`` the recipient allows."""
+
+    after: Annotated[int, msgspec.Meta(ge=1, le=MAX_ESCALATE_AFTER_S)]
+    to: Annotated[list[Channel], msgspec.Meta(min_length=1, max_length=3)]
+
+
 class NotifyIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """``notify`` of ``POST /v1/events``: notify the event's audience on these channels, with
     a stored template or an inline message (exactly one)."""
@@ -92,7 +103,12 @@ class NotifyIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     data: Annotated[dict[str, Any], msgspec.Meta(
         description=f"template variables, at most {MAX_NOTIFY_DATA_BYTES} bytes "
                     "encoded")] = msgspec.field(default_factory=dict)
-    critical: bool = False
+    critical: bool = False  # bypasses quiet hours and rate limits
+    # Delivery policy (feedsvc/delivery/policy.py): where a critical or high-priority
+    # delivery goes when its channel cannot take it, in order; and escalation.
+    fallback: Annotated[list[Channel], msgspec.Meta(max_length=3)] = msgspec.field(
+        default_factory=list)
+    escalate: EscalateIn | None = None
 
 
 class Audience(msgspec.Struct, forbid_unknown_fields=True):
@@ -207,9 +223,34 @@ class ChannelTask(msgspec.Struct, tag="channel", frozen=True):
     locale: str = "en"
     target: str | None = None
     attempt: int = 0  # provider calls already made for ``target``
+    # Why this delivery exists: the notification itself, a fallback or an escalation from
+    # another channel, or a window's digest; ``chain`` is where it goes next when this
+    # channel cannot take it (``feedsvc/delivery/policy.py``).
+    via: Literal["notify", "fallback", "escalation", "digest"] = "notify"
+    chain: tuple[Channel, ...] = ()
 
 
-Task = FanoutTask | BackfillTask | UnmergeTask | NotifyTask | ChannelTask
+class DigestTask(msgspec.Struct, tag="digest", frozen=True):
+    """At the end of a rate window: one delivery of everything held for it."""
+
+    user_id: str
+    channel: Channel
+    window_start: int  # epoch ms
+    window_end: int
+    locale: str = "en"
+
+
+class EscalateTask(msgspec.Struct, tag="escalate", frozen=True):
+    """``notify.escalate.after`` seconds after the push: unless the recipient opened it,
+    send on the next channel."""
+
+    event: Event
+    user_id: str
+    locale: str = "en"
+
+
+Task = (FanoutTask | BackfillTask | UnmergeTask | NotifyTask | ChannelTask | DigestTask
+        | EscalateTask)
 
 
 class Envelope(msgspec.Struct, frozen=True):

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from feedsvc.delivery.policy import QuietHours, QuietHoursError, check_quiet_hours
 from feedsvc.errors import Unprocessable
 
 Platform = Literal["fcm", "apns", "webpush"]
@@ -123,12 +124,14 @@ class PreferencesIn(msgspec.Struct, forbid_unknown_fields=True):
     channels: ChannelSwitches | None = None
     kinds: dict[Kind, KindSwitches] | None = None
     locale: Annotated[str, msgspec.Meta(min_length=2, max_length=35)] | None = None
+    quiet_hours: QuietHours | None = None  # null or left out: no quiet hours
 
 
 class Preferences(msgspec.Struct, frozen=True):
     channels: ChannelSwitches = ChannelSwitches()
     kinds: dict[str, KindSwitches] = msgspec.field(default_factory=dict)
     locale: str = DEFAULT_LOCALE
+    quiet_hours: QuietHours | None = None
 
 
 # --- validation (pure) -----------------------------------------------------------------------
@@ -201,8 +204,13 @@ def preferences_from(body: PreferencesIn) -> Preferences:
     if body.locale is not None and not _LOCALE.fullmatch(body.locale):
         raise Unprocessable("locale must be a BCP 47 language tag (en, fr-CA, ...)",
                             code="invalid_field", field="locale")
+    if body.quiet_hours is not None:
+        try:
+            check_quiet_hours(body.quiet_hours)
+        except QuietHoursError as exc:
+            raise Unprocessable(str(exc), code="invalid_field", field=exc.field) from exc
     return Preferences(channels=body.channels or ChannelSwitches(), kinds=body.kinds or {},
-                       locale=body.locale or DEFAULT_LOCALE)
+                       locale=body.locale or DEFAULT_LOCALE, quiet_hours=body.quiet_hours)
 
 
 def channel_allowed(prefs: Preferences, kind: str, channel: Channel) -> bool:
