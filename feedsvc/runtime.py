@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from feedsvc.clock import now_ms
 from feedsvc.config import Settings
+from feedsvc.delivery.breaker import BreakerConfig, Breakers
 from feedsvc.delivery.recipients import Recipients
 from feedsvc.delivery.state import DeliveryState
 from feedsvc.queue.base import Queue
@@ -76,13 +77,22 @@ class Runtime:
     delivery: DeliveryState  # delivery: templates, the delivery log, send-once claims
     pull_set: PullSetCache = field(default_factory=PullSetCache)
     health: WorkerHealth = field(default_factory=lambda: WorkerHealth())
+    # Epoch ms. Tests pass a fake clock (``tests/clock.py``); every timestamp the runtime
+    # writes and every policy decision (quiet hours, rate windows, breakers) reads it.
+    clock: Callable[[], int] = now_ms
+    breakers: Breakers = field(default_factory=Breakers)  # this process's, per provider
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.breakers.config = BreakerConfig(s.breaker_failures, s.breaker_ratio,
+                                             s.breaker_window, s.breaker_cooldown)
 
     @property
     def outbox(self) -> Outbox:
         return self.store
 
     def now_ms(self) -> int:
-        return now_ms()
+        return self.clock()
 
     def ttl_left_s(self, created_at_ms: int, now_ms: int | None = None) -> int:
         """Seconds of retention an item created at ``created_at_ms`` has left (at ``now_ms``,
@@ -115,12 +125,14 @@ async def open_store(settings: Settings) -> BackendStore:
 
 
 async def open_delivery(store: BackendStore, queue: Queue) -> DeliveryState:
-    """Templates and the delivery log beside ``store``, send-once claims beside ``queue``."""
+    """Templates and the delivery log beside ``store``, send-once claims and the policy
+    state beside ``queue``."""
     from feedsvc.queue.redis import RedisQueue
     from feedsvc.store.cassandra import CassandraStore
 
     templates_and_log: Any
     once: Any
+    policy: Any
     if isinstance(store, CassandraStore):
         from feedsvc.store.delivery_cassandra import CassandraDeliveryStore
 
@@ -132,16 +144,21 @@ async def open_delivery(store: BackendStore, queue: Queue) -> DeliveryState:
         assert isinstance(store, SqliteStore)
         templates_and_log = await SqliteDeliveryStore.open(store)
     if isinstance(queue, RedisQueue):
+        from feedsvc.queue.policy_redis import RedisPolicyState
         from feedsvc.queue.sendonce_redis import RedisSendOnce
 
         once = RedisSendOnce(queue)
+        policy = RedisPolicyState(queue)
     else:
         from feedsvc.queue.embedded import EmbeddedQueue
         from feedsvc.queue.sendonce_sqlite import SqliteSendOnce
 
         assert isinstance(queue, EmbeddedQueue)
+        from feedsvc.queue.policy_sqlite import SqlitePolicyState
+
         once = await SqliteSendOnce.open(queue)
-    return DeliveryState(templates_and_log, templates_and_log, once)
+        policy = await SqlitePolicyState.open(queue)
+    return DeliveryState(templates_and_log, templates_and_log, once, policy)
 
 
 async def open_recipients(store: BackendStore) -> Recipients:

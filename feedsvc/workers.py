@@ -25,10 +25,17 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from feedsvc import fanout
-from feedsvc.delivery import notify, send
+from feedsvc.delivery import digest, escalation, notify, send
 from feedsvc.delivery.providers.registry import Providers
 from feedsvc.errors import RetryableError
-from feedsvc.model import ChannelTask, Envelope, FanoutTask, NotifyTask
+from feedsvc.model import (
+    ChannelTask,
+    DigestTask,
+    Envelope,
+    EscalateTask,
+    FanoutTask,
+    NotifyTask,
+)
 from feedsvc.queue.base import QUEUES, Delivery, QueueName
 from feedsvc.runtime import Runtime
 from feedsvc.sweeper import Sweeper
@@ -78,10 +85,16 @@ async def until_done(what: str, step: Callable[[], Awaitable[None]], stop: async
 
 async def handle(rt: Runtime, envelope: Envelope, providers: Providers,
                  holder: str) -> None:
-    """One task, by kind: a channel delivery, a page of a notify fan-out, or fan-out work."""
+    """One task, by kind: a channel delivery (unless held for its window's digest), a
+    window's digest, an escalation check, a page of a notify fan-out, or fan-out work."""
     task = envelope.task
     if isinstance(task, ChannelTask):
-        await send.deliver(rt, task, providers, holder)
+        if not await digest.hold_over_limit(rt, task):
+            await send.deliver(rt, task, providers, holder)
+    elif isinstance(task, DigestTask):
+        await digest.send_digest(rt, task, providers, holder)
+    elif isinstance(task, EscalateTask):
+        await escalation.escalate(rt, task)
     elif isinstance(task, NotifyTask):
         await notify.notify_page(rt, task)
     else:

@@ -133,11 +133,14 @@ async def make_runtime(
     cassandra_recipients: CassandraRecipients,
 ) -> AsyncIterator[MakeRuntime]:
     """Factory: ``await make_runtime(celebrity_threshold=5)`` -> a Runtime on this test's
-    backend (parametrized: embedded, cassandra). Everything it opens is closed after."""
+    backend (parametrized: embedded, cassandra). Everything it opens is closed after.
+    ``clock=`` (a ``tests.clock.FakeClock``) is the runtime's clock instead of the wall's."""
     backend: str = request.param
     opened: list[Callable[[], Awaitable[None]]] = []
 
     async def factory(**overrides: Any) -> Runtime:
+        clock: dict[str, Any] = {"clock": overrides.pop("clock")} if "clock" in overrides \
+            else {}
         if backend == "embedded":
             settings = base_settings(data_dir=tmp_path / "data", **overrides)
             store: Any = await SqliteStore.open(settings.data_dir / "feedsvc.sqlite3")
@@ -160,10 +163,10 @@ async def make_runtime(
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
             return Runtime(settings, store, queue,
                            recipients=cassandra_recipients,
-                           delivery=await open_delivery(store, queue))
+                           delivery=await open_delivery(store, queue), **clock)
         opened.append(queue.close)
         return Runtime(settings, store, queue, recipients=recipients,
-                       delivery=await open_delivery(store, queue))
+                       delivery=await open_delivery(store, queue), **clock)
 
     yield factory
     for close in reversed(opened):

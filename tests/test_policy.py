@@ -25,11 +25,13 @@ from feedsvc.delivery.policy import (
 from feedsvc.errors import ConfigError
 from feedsvc.ratelimit import Rate
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
-def ms(*args: int) -> int:
-    return int(dt.datetime(*args, tzinfo=UTC).timestamp() * 1000)  # type: ignore[misc]
+def ms(year: int, month: int, day: int, hour: int = 0, minute: int = 0,
+       second: int = 0) -> int:
+    return int(dt.datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
+               * 1000)
 
 
 NIGHT_NY = QuietHours("22:00", "07:00", "America/New_York")

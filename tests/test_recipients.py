@@ -172,13 +172,14 @@ async def test_preferences(make_api: MakeApi) -> None:
     user = api.user("u")
     path = f"/v1/users/{user}/preferences"
     defaults = {"channels": {"push": True, "sms": True, "email": True}, "kinds": {},
-                "locale": "en"}
+                "locale": "en", "quiet_hours": None}
     assert await call(api, "GET", path) == (200, defaults)
     status, body = await call(api, "PUT", path, {"channels": {"sms": False},
                                                  "kinds": {"alert": {"sms": True}},
                                                  "locale": "fr-CA"})
     assert (status, body) == (200, {"channels": {"push": True, "sms": False, "email": True},
-                                    "kinds": {"alert": {"sms": True}}, "locale": "fr-CA"})
+                                    "kinds": {"alert": {"sms": True}}, "locale": "fr-CA",
+                                    "quiet_hours": None})
     assert (await call(api, "GET", path))[1] == body
     for bad, field in [({"locale": "not a tag"}, "locale"),
                        ({"channels": {"fax": True}}, "channels.fax"),

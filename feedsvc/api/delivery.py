@@ -4,6 +4,9 @@
 (service key or user u's token); ``GET /v1/dlq`` and ``POST /v1/dlq/{entry_id}/replay``
 (service key), for fan-out and delivery entries alike. Templates are checked by
 ``feedsvc/delivery/templates.py``; a replayed delivery keeps send-once.
+``POST /v1/notifications/{notification_id}/opened`` (the recipient's own token): the user
+opened that notification, so its escalation sends nothing (``feedsvc/delivery/
+escalation.py``).
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from feedsvc.api.app import RUNTIME, Access, Handler, json_response
+from feedsvc.api.app import RUNTIME, Access, Handler, json_response, principal_of
 from feedsvc.api.params import path_id, query_limit
 from feedsvc.api.recipients import own_user, read_json
+from feedsvc.delivery.escalation import mark_opened
 from feedsvc.delivery.notify import notification_id
 from feedsvc.delivery.state import DeliveryRecord
 from feedsvc.delivery.templates import Template, check_template
-from feedsvc.errors import InvalidRequest, NotFound
+from feedsvc.errors import Forbidden, InvalidRequest, NotFound
 from feedsvc.model import (
     EVENT_ID_PATTERN,
     TEMPLATE_NAME_PATTERN,
@@ -87,6 +91,26 @@ async def get_deliveries(request: web.Request) -> web.Response:
     return json_response(Deliveries(notification_id(event_id, user_id), records))
 
 
+async def post_opened(request: web.Request) -> web.Response:
+    principal = principal_of(request)
+    if principal.service or principal.user_id is None:
+        raise Forbidden("only the recipient's own token reports a notification opened")
+    notification = request.match_info["notification_id"]
+    suffix = f":{principal.user_id}"
+    if not notification.endswith(suffix):
+        raise Forbidden("a user token can only report its own user's notifications")
+    event_id = notification[:-len(suffix)]
+    if not _EVENT_ID.search(event_id):
+        raise InvalidRequest("notification_id must be event_id:user_id",
+                             code="invalid_path", field="notification_id")
+    rt = request.app[RUNTIME]
+    event = await rt.store.get_event(event_id)
+    if event is None or event.notify is None:
+        raise NotFound("no such notification")
+    await mark_opened(rt, event_id, principal.user_id, rt.ttl_left_s(event.created_at))
+    return web.Response(status=204)
+
+
 def key_of(letter: DeadLetter) -> str:
     task = letter.envelope.task
     if isinstance(task, ChannelTask):
@@ -125,6 +149,7 @@ ROUTES: list[tuple[str, str, Handler, Access]] = [
     ("GET", "/v1/events/{event_id}/deliveries/{user_id}", get_deliveries, "any"),
     ("GET", "/v1/dlq", get_dlq, "service"),
     ("POST", "/v1/dlq/{entry_id}/replay", replay_dead_letter, "service"),
+    ("POST", "/v1/notifications/{notification_id}/opened", post_opened, "any"),
 ]
 
 SCHEMA_TYPES = (Template, Deliveries, DeadLetterPage, Replayed)
@@ -163,5 +188,12 @@ def openapi_paths(op: Any, param: Any, id_schema: dict[str, Any],
         "/v1/dlq/{entry_id}/replay": {
             "post": op("Put a dead letter's task back on its queue (send-once holds)",
                        service, ok("Replayed"), [entry]),
+        },
+        "/v1/notifications/{notification_id}/opened": {
+            "post": op("The recipient opened the notification (no escalation follows)",
+                       [{"userToken": []}], {"204": {"description": "recorded"}},
+                       [param("notification_id", "path", {
+                           "type": "string", "minLength": 3, "maxLength": 193,
+                           "description": "event_id:user_id"})]),
         },
     }

@@ -119,6 +119,11 @@ class CircuitBreaker:
                 len(self.calls) >= MIN_CALLS and failed / len(self.calls) >= self.config.ratio):
             self._to("open", now)
 
+    def abandon(self) -> None:
+        """An allowed call that ended with no answer either way (cancelled): a half-open
+        breaker lets the next probe through."""
+        self.probing = False
+
     def statistics(self) -> BreakerStatistics:
         failed = sum(1 for _, good in self.calls if not good)
         return BreakerStatistics(self.name, self.state, self.consecutive, len(self.calls),

@@ -9,6 +9,12 @@ then the channel switch), and a ``ChannelTask`` per allowed channel goes to that
 queue with the event's priority (``feedsvc/delivery/send.py`` takes it from there). A
 channel the recipient turned off is logged ``suppressed`` with reason ``preference``.
 
+Quiet hours: a recipient inside their ``quiet_hours`` gets a non-critical notification's
+channel work as a scheduled entry due at the window's end (logged ``scheduled`` with
+reason ``quiet_hours``), not now. Escalation: with ``notify.escalate``, each recipient of
+the push gets an ``EscalateTask`` scheduled ``after`` seconds past the time the push is
+due (``feedsvc/delivery/escalation.py``).
+
 The next page is a new task queued after this page's work: a 1,000,000-follower audience
 is walked with one page in memory and resumes where it stopped after a crash (a page
 redone queues its channel tasks again; send-once keeps them to one send each). The outbox
@@ -20,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 
+from feedsvc.delivery.policy import quiet_until
 from feedsvc.delivery.recipients import DEFAULT_LOCALE, Preferences, channel_allowed
 from feedsvc.delivery.state import DeliveryRecord
-from feedsvc.model import ChannelTask, Envelope, Event, NotifyTask
+from feedsvc.model import ChannelTask, Envelope, EscalateTask, Event, NotifyTask
 from feedsvc.runtime import Runtime
 
 NOTIFY_PAGE = 1_000
@@ -69,13 +76,22 @@ async def notify_page(rt: Runtime, task: NotifyTask) -> int:
     chosen = await asyncio.gather(*(preferences(u) for u in users))
     ttl = max(1, rt.ttl_left_s(event.created_at))
     queued = 0
+    now = rt.now_ms()
+    due = {user_id: None if notify.critical else quiet_until(prefs.quiet_hours, now)
+           for user_id, prefs in zip(users, chosen, strict=True)}
     for channel in dict.fromkeys(notify.channels):
         tasks: list[Envelope] = []
         for user_id, prefs in zip(users, chosen, strict=True):
             if channel_allowed(prefs, event.kind, channel):
-                tasks.append(Envelope(ChannelTask(event, user_id, channel,
-                                                  prefs.locale or DEFAULT_LOCALE),
-                                      rt.now_ms()))
+                work = ChannelTask(event, user_id, channel, prefs.locale or DEFAULT_LOCALE)
+                until = due[user_id]
+                if until is None:
+                    tasks.append(Envelope(work, rt.now_ms()))
+                else:
+                    await _after_quiet_hours(rt, work, until, ttl)
+                if channel == "push" and notify.escalate is not None:
+                    await _schedule_escalation(rt, event, user_id, work.locale,
+                                               until or now)
             else:
                 await rt.delivery.log.record(
                     event.event_id, user_id,
@@ -96,3 +112,22 @@ async def notify_page(rt: Runtime, task: NotifyTask) -> int:
     else:
         await rt.outbox.settle(event.event_id, event.accepted_at, ttl)
     return queued
+
+
+async def _after_quiet_hours(rt: Runtime, task: ChannelTask, until: int, ttl: int) -> None:
+    """Queue the channel work when the recipient's quiet hours end. Its envelope counts as
+    queued then (so a low-priority one is not taken for stale and shed)."""
+    await rt.queue.schedule(task.channel, task.event.priority, Envelope(task, until), until)
+    await rt.delivery.log.record(
+        task.event.event_id, task.user_id,
+        DeliveryRecord(task.channel, task.channel, "scheduled", "quiet_hours",
+                       updated_at=rt.now_ms()), ttl)
+
+
+async def _schedule_escalation(rt: Runtime, event: Event, user_id: str, locale: str,
+                               push_at: int) -> None:
+    escalate = event.notify.escalate if event.notify is not None else None
+    assert escalate is not None
+    due = push_at + escalate.after * 1000
+    await rt.queue.schedule(escalate.to[0], event.priority,
+                            Envelope(EscalateTask(event, user_id, locale), due), due)

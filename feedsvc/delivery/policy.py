@@ -16,7 +16,6 @@ import re
 import zoneinfo
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
 from typing import Annotated
 
 import msgspec
@@ -28,7 +27,7 @@ _HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
 
 # FEEDSVC_NOTIFY_RATE's defaults: a phone buzzing more than 10 times an hour, or 3 texts
 # or emails an hour, is what people turn notifications off over.
-DEFAULT_NOTIFY_RATE: Mapping[Channel, Rate] = {
+DEFAULT_NOTIFY_RATE: Mapping[str, Rate] = {
     "push": Rate(10, 3600.0), "sms": Rate(3, 3600.0), "email": Rate(3, 3600.0)}
 DIGEST_TITLES = 3  # titles the built-in digest text lists
 DIGEST_GRACE_MS = 1_000  # the digest runs this long after its window, for late holds
@@ -94,9 +93,12 @@ def quiet_until(quiet: QuietHours | None, now_ms: int) -> int | None:
     does not exist becomes 03:30 of the new offset)."""
     if quiet is None:
         return None
-    tz = zone(quiet.timezone)
-    start = clock_time(quiet.start, "quiet_hours.start")
-    end = clock_time(quiet.end, "quiet_hours.end")
+    try:
+        tz = zone(quiet.timezone)
+        start = clock_time(quiet.start, "quiet_hours.start")
+        end = clock_time(quiet.end, "quiet_hours.end")
+    except QuietHoursError:  # stored before a zone left the database: no window
+        return None
     local = dt.datetime.fromtimestamp(now_ms / 1000, tz)
     wall = local.time().replace(tzinfo=None)
     if start < end:
@@ -142,10 +144,10 @@ def over_limit(arrival: int, rate: Rate) -> bool:
     return arrival > rate.tokens
 
 
-def parse_notify_rate(text: str) -> dict[Channel, Rate]:
+def parse_notify_rate(text: str) -> dict[str, Rate]:
     """``FEEDSVC_NOTIFY_RATE``: ``push=10/1h,sms=3/1h`` (channels left out keep their
     default), or one rate for every channel (``5/1h``)."""
-    rates = dict(DEFAULT_NOTIFY_RATE)
+    rates: dict[str, Rate] = dict(DEFAULT_NOTIFY_RATE)
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if len(parts) == 1 and "=" not in parts[0]:
         return dict.fromkeys(rates, Rate.parse(parts[0]))
@@ -154,7 +156,7 @@ def parse_notify_rate(text: str) -> dict[Channel, Rate]:
         channel = channel.strip()
         if not sep or channel not in rates:
             raise ValueError(f"use channel=N/period pairs (push=10/1h,sms=3/1h), not {part!r}")
-        rates[channel] = Rate.parse(rate)  # type: ignore[index]
+        rates[channel] = Rate.parse(rate)
     return rates
 
 

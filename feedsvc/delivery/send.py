@@ -23,6 +23,16 @@
 The one window left is a crash between the provider's answer and ``mark_sent``: the
 redone delivery calls the provider again with the same ``Idempotency-Key``, which a
 provider that de-duplicates (the test fakes do) answers without a second message.
+
+Policy (``feedsvc/delivery/policy.py``): each provider has a circuit breaker
+(``feedsvc/delivery/breaker.py``); while it is open a delivery is not attempted. A delivery
+that may fall back (critical or high priority with ``notify.fallback``, or one that is
+itself a fallback or an escalation with channels left in its ``chain``) goes on to the next
+channel the recipient allows: when the breaker is open, when the channel cannot reach the
+recipient (no device, no contact, inactive) and when its retries are exhausted. Any other
+delivery waits for the breaker's cooldown (``scheduled``/``breaker_open``), never dropped.
+The next channel's delivery has its own send-once key, which a notification that asked
+for that channel anyway shares: it is sent once either way.
 """
 
 from __future__ import annotations
@@ -33,12 +43,23 @@ import json
 import logging
 import random
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Literal
 
+import msgspec
+
+from feedsvc.delivery.breaker import CircuitBreaker
 from feedsvc.delivery.notify import claim_key, notification_id
-from feedsvc.delivery.providers.base import Outgoing, TargetKind, WebPushKeys
+from feedsvc.delivery.policy import fallback_chain, may_fall_back, next_channel
+from feedsvc.delivery.providers.base import Outgoing, Receipt, TargetKind, WebPushKeys
 from feedsvc.delivery.providers.registry import Providers
-from feedsvc.delivery.recipients import Device, deactivate_contact
+from feedsvc.delivery.recipients import (
+    Device,
+    Preferences,
+    channel_allowed,
+    deactivate_contact,
+)
 from feedsvc.delivery.state import DeliveryRecord, DeliveryStatus
 from feedsvc.delivery.templates import EventVars, Template, render
 from feedsvc.errors import (
@@ -56,6 +77,7 @@ log = logging.getLogger(__name__)
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 300.0
 BUSY_RECHECK_S = 5.0  # a key another worker holds is looked at again after this
+BREAKER_SPREAD_S = 1.0  # waits for an open breaker end spread over this much more
 TEMPLATE_CACHE_S = 5.0  # a process reuses a template this long
 
 
@@ -91,14 +113,17 @@ class _Templates:
         return hit[1]
 
 
-_templates = _Templates()
+templates = _Templates()
 
 
 async def deliver(rt: Runtime, task: ChannelTask, providers: Providers, holder: str) -> None:
     """Every target of one recipient's notification on one channel (see the module), the
     targets at once (a user has at most 20 devices)."""
+    reachable = await targets(rt, task)
+    if not reachable and task.target is None:
+        await fall_back(rt, task)
     outcomes = await asyncio.gather(*(deliver_one(rt, task, target, providers, holder)
-                                      for target in await targets(rt, task)),
+                                      for target in reachable),
                                     return_exceptions=True)
     for outcome in outcomes:  # every target had its turn; then the first failure counts
         if isinstance(outcome, BaseException):
@@ -106,11 +131,40 @@ async def deliver(rt: Runtime, task: ChannelTask, providers: Providers, holder: 
 
 
 async def _log(rt: Runtime, task: ChannelTask, target: str, status: DeliveryStatus,
-               reason: str | None = None, attempts: int = 0) -> None:
+               reason: str | None = None, attempts: int = 0, digest: str | None = None
+               ) -> None:
     await rt.delivery.log.record(
         task.event.event_id, task.user_id,
-        DeliveryRecord(task.channel, target, status, reason, attempts, rt.now_ms()),
+        DeliveryRecord(task.channel, target, status, reason, attempts, rt.now_ms(), digest),
         max(1, rt.ttl_left_s(task.event.created_at)))
+
+
+async def fall_back(rt: Runtime, task: ChannelTask) -> bool:
+    """Queue the delivery on the next channel of its chain the recipient allows (see the
+    module); False when it has no chain, or nothing left in it."""
+    notify = task.event.notify
+    if task.via in ("fallback", "escalation"):
+        chain = task.chain
+    elif (task.via == "notify" and notify is not None
+          and may_fall_back(notify.critical, task.event.priority, notify.fallback)):
+        chain = fallback_chain(notify.fallback, task.channel)
+    else:
+        return False
+    if not chain:
+        return False
+    prefs = await rt.recipients.preferences(task.user_id) or Preferences()
+    chosen = next_channel(chain, lambda c: channel_allowed(prefs, task.event.kind, c))
+    if chosen is None:
+        return False
+    channel, rest = chosen
+    via: Literal["fallback", "escalation"] = (
+        "escalation" if task.via == "escalation" else "fallback")
+    await rt.queue.enqueue(task.event.priority, Envelope(
+        ChannelTask(task.event, task.user_id, channel, task.locale, via=via, chain=rest),
+        rt.now_ms()), queue=channel)
+    log.info("delivery %s to %s falls back from %s to %s", task.event.event_id,
+             task.user_id, task.channel, channel)
+    return True
 
 
 async def targets(rt: Runtime, task: ChannelTask) -> list[Target]:
@@ -150,13 +204,15 @@ async def targets(rt: Runtime, task: ChannelTask) -> list[Target]:
     return [Target(kind, task.channel, address)]
 
 
-async def _text(rt: Runtime, task: ChannelTask) -> tuple[str, str]:
+async def text_of(rt: Runtime, task: ChannelTask) -> tuple[str, str]:
+    """The notification's title and body for this recipient (RenderError if it cannot be
+    rendered)."""
     notify = task.event.notify
     assert notify is not None
     if notify.message is not None:
         return notify.message.title, notify.message.body
     assert notify.template is not None
-    template = await _templates.get(rt, notify.template)
+    template = await templates.get(rt, notify.template)
     if template is None:
         raise RenderError(notify.template, task.locale, "template", "no such template")
     event = task.event
@@ -193,11 +249,17 @@ async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers:
     if state == "busy":  # another worker is sending it right now: look again later
         await _reschedule(rt, task, target, attempts, BUSY_RECHECK_S)
         return
+    breaker = rt.breakers.get(target.kind)
     try:
-        title, body = await _text(rt, task)
-        receipt = await provider.send(Outgoing(
+        title, body = await text_of(rt, task)
+        if not breaker.allow(rt.now_ms() / 1000):
+            with contextlib.suppress(RetryableError):
+                await rt.delivery.once.release(once, holder)
+            await _breaker_open(rt, task, target, attempts, breaker)
+            return
+        receipt = await _call(rt, breaker, provider.send(Outgoing(
             key=key, kind=target.kind, address=target.address, title=title, body=body,
-            data=_data(task, nid), priority=task.event.priority, webpush=target.webpush))
+            data=_data(task, nid), priority=task.event.priority, webpush=target.webpush)))
     except Exception as exc:
         with contextlib.suppress(RetryableError):  # else the lease runs out by itself
             await rt.delivery.once.release(once, holder)
@@ -208,6 +270,39 @@ async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers:
     log.debug("sent %s via %s (%s)", key, receipt.provider, receipt.message_id)
 
 
+async def _call(rt: Runtime, breaker: CircuitBreaker, call: Awaitable[Receipt]) -> Receipt:
+    """The provider call, its outcome told to the provider's breaker: only an unavailable
+    provider (connection, timeout, 5xx, 429) counts as a failure; a rejection or a dead
+    target is the provider answering."""
+    try:
+        receipt = await call
+    except ProviderUnavailable:
+        breaker.record(False, rt.now_ms() / 1000)
+        raise
+    except Exception:
+        breaker.record(True, rt.now_ms() / 1000)
+        raise
+    except BaseException:
+        breaker.abandon()
+        raise
+    breaker.record(True, rt.now_ms() / 1000)
+    return receipt
+
+
+async def _breaker_open(rt: Runtime, task: ChannelTask, target: Target, attempts: int,
+                        breaker: CircuitBreaker) -> None:
+    """Fail fast: the next channel when the delivery may fall back, else wait (not counted
+    as an attempt) until the breaker lets a probe through."""
+    if await fall_back(rt, task):
+        await _log(rt, task, target.target, "suppressed", "breaker_open_fallback", attempts)
+        return
+    now_s = rt.now_ms() / 1000
+    retry_at = breaker.retry_at() or now_s + breaker.config.cooldown_s
+    delay = max(0.0, retry_at - now_s) + random.uniform(0, BREAKER_SPREAD_S)
+    await _log(rt, task, target.target, "scheduled", "breaker_open", attempts)
+    await _reschedule(rt, task, target, attempts, delay)
+
+
 async def _not_sent(rt: Runtime, task: ChannelTask, target: Target, exc: Exception,
                     attempts: int) -> None:
     """What a failed call leads to; anything but a provider's or the template's answer
@@ -216,6 +311,7 @@ async def _not_sent(rt: Runtime, task: ChannelTask, target: Target, exc: Excepti
         attempts += 1
         if attempts >= rt.settings.delivery_max_attempts:
             await _dead(rt, task, target, "exhausted", str(exc), attempts)
+            await fall_back(rt, task)
             return
         await _log(rt, task, target.target, "scheduled", exc.detail[:200], attempts)
         await _reschedule(rt, task, target, attempts, retry_delay(attempts, exc.retry_after))
@@ -231,8 +327,8 @@ async def _not_sent(rt: Runtime, task: ChannelTask, target: Target, exc: Excepti
 
 
 def _narrowed(task: ChannelTask, target: Target, attempts: int, now: int) -> Envelope:
-    return Envelope(ChannelTask(task.event, task.user_id, task.channel, task.locale,
-                                target.target, attempts), now)
+    return Envelope(msgspec.structs.replace(task, target=target.target, attempt=attempts),
+                    now)
 
 
 async def _reschedule(rt: Runtime, task: ChannelTask, target: Target, attempts: int,

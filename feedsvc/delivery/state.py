@@ -5,10 +5,13 @@
   delivery moves on (``GET /v1/events/{e}/deliveries/{u}``).
 - ``SendOnce``: the claim a worker holds on a delivery key while it calls the provider,
   and the mark that the key was sent, so nothing is sent twice.
+- ``PolicyState``: the delivery policy's shared state (``feedsvc/delivery/policy.py``):
+  arrivals per rate window, the deliveries held for a window's digest, and marks (a
+  notification opened).
 
 Templates and the log live beside the feed's store (Cassandra or the embedded file,
 ``feedsvc/store/delivery_*.py``); send-once claims beside the queue (Redis or the embedded
-queue file, ``feedsvc/queue/sendonce_*.py``).
+queue file, ``feedsvc/queue/sendonce_*.py``); policy state too (``policy_*.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class DeliveryRecord(msgspec.Struct, frozen=True):
     reason: str | None = None
     attempts: int = 0  # provider calls made
     updated_at: int = 0  # epoch ms
+    digest: str | None = None  # held for the digest with this notification id (``digested``)
 
 
 class TemplateStore(Protocol):
@@ -67,8 +71,27 @@ class SendOnce(Protocol):
         """Drop the caller's lease (the send failed): the key may be claimed again."""
 
 
+class PolicyState(Protocol):
+    """Shared by every worker; every write is idempotent (a task redone repeats it)."""
+
+    async def arrive(self, window: str, member: str, ttl_s: float) -> int:
+        """``member``'s 1-based order of arrival in ``window`` (the first one's again for a
+        member that arrived before); the window is forgotten ``ttl_s`` after its first."""
+
+    async def hold(self, window: str, order: int, item: bytes, ttl_s: float) -> None:
+        """Keep ``item`` (what arrived ``order``-th) for the window's digest."""
+
+    async def held(self, window: str) -> list[bytes]:
+        """Everything held for ``window``, in order of arrival."""
+
+    async def mark(self, key: str, ttl_s: float) -> None: ...
+
+    async def marked(self, key: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class DeliveryState:
     templates: TemplateStore
     log: DeliveryLog
     once: SendOnce
+    policy: PolicyState

@@ -233,7 +233,15 @@ class EmbeddedQueue(SqliteFile):
         return 0  # consumers are not registered anywhere
 
     async def move_due(self, now: int | None = None) -> int:
-        return 0  # a scheduled entry is claimable in place once due
+        """A scheduled entry is claimable in place once due by the wall clock; with ``now``
+        (a test's clock, ahead of the wall's) those due by it are made claimable too."""
+        if now is None:
+            return 0
+        cur = await self._run(self.db.execute,
+                              "UPDATE entries SET due_at = NULL WHERE due_at <= ?", (now,))
+        if cur.rowcount:
+            self._wakeup.set()
+        return int(cur.rowcount)
 
     async def stats(self) -> QueueStats:
         def query() -> QueueStats:

@@ -1,0 +1,57 @@
+"""Escalation: a push that was not opened in time is followed, once, by another channel.
+
+Where it sits: ``notify.escalate = {"after": s, "to": [channels]}`` makes the notify
+fan-out schedule an ``EscalateTask`` per recipient of the push, due ``after`` seconds past
+the time the push was due (a scheduled queue entry: it survives restarts).
+``POST /v1/notifications/{notification_id}/opened`` (the recipient's own token) marks the
+notification opened (``mark_opened``). When the task comes due, ``escalate`` sends
+nothing if it was opened; otherwise it queues the delivery on the first channel of ``to``
+the recipient allows, with the rest of ``to`` as its chain (a channel that cannot reach
+them moves on to the next, see ``feedsvc/delivery/send.py``). That delivery has its
+channel's send-once key: it goes out once, however often the task is redone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from feedsvc.delivery.policy import next_channel
+from feedsvc.delivery.recipients import Preferences, channel_allowed
+from feedsvc.delivery.state import DeliveryRecord
+from feedsvc.model import ChannelTask, Envelope, EscalateTask
+from feedsvc.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def opened_key(event_id: str, user_id: str) -> str:
+    return f"opened/{event_id}/{user_id}"  # '/' is in no event or user id
+
+
+async def mark_opened(rt: Runtime, event_id: str, user_id: str, ttl_s: int) -> None:
+    await rt.delivery.policy.mark(opened_key(event_id, user_id), max(1, ttl_s))
+
+
+async def escalate(rt: Runtime, task: EscalateTask) -> None:
+    event = task.event
+    escalate = event.notify.escalate if event.notify is not None else None
+    if escalate is None:
+        return
+    ttl = max(1, rt.ttl_left_s(event.created_at))
+    if await rt.delivery.policy.marked(opened_key(event.event_id, task.user_id)):
+        await rt.delivery.log.record(event.event_id, task.user_id, DeliveryRecord(
+            escalate.to[0], "escalation", "suppressed", "opened",
+            updated_at=rt.now_ms()), ttl)
+        return
+    prefs = await rt.recipients.preferences(task.user_id) or Preferences()
+    chosen = next_channel(tuple(escalate.to),
+                          lambda c: channel_allowed(prefs, event.kind, c))
+    if chosen is None:
+        return
+    channel, rest = chosen
+    await rt.queue.enqueue(event.priority, Envelope(
+        ChannelTask(event, task.user_id, channel, task.locale, via="escalation", chain=rest),
+        rt.now_ms()), queue=channel)
+    await rt.delivery.log.record(event.event_id, task.user_id, DeliveryRecord(
+        channel, "escalation", "queued", "not_opened", updated_at=rt.now_ms()), ttl)
+    log.debug("escalating %s to %s on %s", event.event_id, task.user_id, channel)
