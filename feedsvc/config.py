@@ -328,7 +328,8 @@ class Settings:
     provider_timeout: float = 10.0
     delivery_max_attempts: int = 8
     # Delivery policy.
-    notify_rate: Mapping[str, Rate] = field(default_factory=lambda: dict(DEFAULT_NOTIFY_RATE))
+    notify_rate: Mapping[str, Rate] = field(default_factory=lambda: dict(DEFAULT_NOTIFY_RATE),
+                                            hash=False)
     breaker_failures: int = 5
     breaker_ratio: float = 0.5
     breaker_window: float = 60.0

@@ -299,3 +299,42 @@ async def test_an_unopened_push_escalates_once_and_an_opened_one_does_not(
                                                   api.rt.now_ms()), queue="email")
     await s.settle(step_s=60)
     assert len(s.fakes.smtp.ledger.accepted) == 1 and s.fakes.smtp.ledger.repeat_count == 0
+
+
+async def test_a_digest_template_is_used_when_defined(busy: Policy) -> None:
+    s, api = busy, busy.api
+    digest = {"locales": {"en": {"title": "{{ data.count }} updates",
+                                 "body": "{{ data.titles | join(', ') }}"}}}
+    assert (await s.call("PUT", "/v1/templates/digest", digest))[0] == 200
+    author, fan = api.user("author"), api.user("fan")
+    await api.follow(fan, author)
+    await register(s, fan, email="fan@example.com")
+    for i in range(5):  # email: 3 an hour by default
+        await api.post_ok(author, notify={"channels": ["email"],
+                                          "message": {"title": f"n{i}", "body": "b"}})
+    await s.pump()
+    mail = s.fakes.smtp.ledger
+    assert len(mail.accepted) == 3
+    await s.settle(step_s=30 * 60)
+    assert len(mail.accepted) == 4
+    start_ms = int(HOUR_START.timestamp() * 1000)
+    sent = mail.accepted[f"digest:email:{start_ms}:{fan}:email:email"]
+    assert sent["subject"] == "2 updates"
+    assert set(sent["body"].strip().split(", ")) <= {f"n{i}" for i in range(5)}
+
+
+async def test_policy_state_contract(runtime: Any, prefix: str) -> None:
+    """The ``PolicyState`` port on both backends: arrival order (a repeat keeps its
+    number), held items in arrival order, marks."""
+    policy = runtime.delivery.policy
+    window = f"{prefix}-u/push/0"
+    assert [await policy.arrive(window, m, 60) for m in ("a", "b", "a", "c")] == [1, 2, 1, 3]
+    assert await policy.arrive(f"{prefix}-other/push/0", "a", 60) == 1
+    await policy.hold(window, 3, b"third", 60)
+    await policy.hold(window, 2, b"second", 60)
+    await policy.hold(window, 3, b"third", 60)  # a redo
+    assert await policy.held(window) == [b"second", b"third"]
+    assert await policy.held(f"{prefix}-none") == []
+    assert not await policy.marked(f"{prefix}-opened")
+    await policy.mark(f"{prefix}-opened", 60)
+    assert await policy.marked(f"{prefix}-opened")

@@ -115,8 +115,7 @@ async def send_digest(rt: Runtime, task: DigestTask, providers: Providers,
         created_at=task.window_end, priority="medium", payload="{}", route="direct",
         accepted_at=rt.now_ms(), body_hash="",
         notify=NotifyIn(channels=[task.channel], message=MessageIn(title[:256], body[:4096]),
-                        data={"count": len(items),
-                              "event_ids": [item.event_id for item in items[:20]]}))
+                        data={"count": len(items)}))
     log.debug("digest of %d for %s on %s", len(items), task.user_id, task.channel)
     await send.deliver(rt, ChannelTask(event, task.user_id, task.channel, task.locale,
                                        via="digest"), providers, holder)

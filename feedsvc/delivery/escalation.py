@@ -5,17 +5,19 @@ fan-out schedule an ``EscalateTask`` per recipient of the push, due ``after`` se
 the time the push was due (a scheduled queue entry: it survives restarts).
 ``POST /v1/notifications/{notification_id}/opened`` (the recipient's own token) marks the
 notification opened (``mark_opened``). When the task comes due, ``escalate`` sends
-nothing if it was opened; otherwise it queues the delivery on the first channel of ``to``
-the recipient allows, with the rest of ``to`` as its chain (a channel that cannot reach
-them moves on to the next, see ``feedsvc/delivery/send.py``). That delivery has its
-channel's send-once key: it goes out once, however often the task is redone.
+nothing if it was opened; inside the recipient's quiet hours (quiet hours that began after
+the push) it waits for their end, unless the notification is critical; otherwise it
+queues the delivery on the first channel of ``to`` the recipient allows, with the rest of
+``to`` as its chain (a channel that cannot reach them moves on to the next, see
+``feedsvc/delivery/send.py``). That delivery has its channel's send-once key: it goes
+out once, however often the task is redone.
 """
 
 from __future__ import annotations
 
 import logging
 
-from feedsvc.delivery.policy import next_channel
+from feedsvc.delivery.policy import next_channel, quiet_until
 from feedsvc.delivery.recipients import Preferences, channel_allowed
 from feedsvc.delivery.state import DeliveryRecord
 from feedsvc.model import ChannelTask, Envelope, EscalateTask
@@ -33,9 +35,9 @@ async def mark_opened(rt: Runtime, event_id: str, user_id: str, ttl_s: int) -> N
 
 
 async def escalate(rt: Runtime, task: EscalateTask) -> None:
-    event = task.event
-    escalate = event.notify.escalate if event.notify is not None else None
-    if escalate is None:
+    event, notify = task.event, task.event.notify
+    escalate = notify.escalate if notify is not None else None
+    if notify is None or escalate is None:
         return
     ttl = max(1, rt.ttl_left_s(event.created_at))
     if await rt.delivery.policy.marked(opened_key(event.event_id, task.user_id)):
@@ -44,6 +46,10 @@ async def escalate(rt: Runtime, task: EscalateTask) -> None:
             updated_at=rt.now_ms()), ttl)
         return
     prefs = await rt.recipients.preferences(task.user_id) or Preferences()
+    until = None if notify.critical else quiet_until(prefs.quiet_hours, rt.now_ms())
+    if until is not None:  # quiet hours began since the push: escalate when they end
+        await rt.queue.schedule(escalate.to[0], event.priority, Envelope(task, until), until)
+        return
     chosen = next_channel(tuple(escalate.to),
                           lambda c: channel_allowed(prefs, event.kind, c))
     if chosen is None:
