@@ -338,3 +338,27 @@ async def test_policy_state_contract(runtime: Any, prefix: str) -> None:
     assert not await policy.marked(f"{prefix}-opened")
     await policy.mark(f"{prefix}-opened", 60)
     assert await policy.marked(f"{prefix}-opened")
+
+
+@pytest.fixture
+async def stubborn(make_api: MakeApi, fakes: Fakes) -> AsyncIterator[Policy]:
+    async for policy in make_policy(make_api, fakes, HOUR_START, breaker_failures=100,
+                                    delivery_max_attempts=2):
+        yield policy
+
+
+async def test_exhausted_retries_fall_back_for_high_priority_only(stubborn: Policy) -> None:
+    s, api = stubborn, stubborn.api
+    author, fan = api.user("author"), api.user("fan")
+    await api.follow(fan, author)
+    await register(s, fan, fcm="tok-fan", email="fan@example.com")
+    s.fakes.fcm.behaviour = Behaviour(error_rate=1.0, error_statuses=(503,))
+    notify = {"channels": ["push"], "message": MESSAGE, "fallback": ["email"]}
+    high = await api.post_ok(author, priority="high", notify=notify)
+    medium = await api.post_ok(author, notify=notify)
+    await s.settle(step_s=5)
+    for event_id in (high, medium):
+        record = (await s.deliveries(event_id, fan))[("push", "android")]
+        assert (record["status"], record["reason"]) == ("dead", "exhausted")
+    assert set(s.fakes.smtp.ledger.accepted) == {f"{high}:{fan}:email:email"}
+    assert api.rt.breakers.statistics()["fcm"].state == "closed"
