@@ -93,9 +93,11 @@ class EscalateIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     to: Annotated[list[Channel], msgspec.Meta(min_length=1, max_length=3)]
 
 
-class NotifyIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class NotifyIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     """``notify`` of ``POST /v1/events``: notify the event's audience on these channels, with
-    a stored template or an inline message (exactly one)."""
+    a stored template or an inline message (exactly one). Stored and queued without the
+    fields left at their defaults, so a worker of the release before a new field was added
+    still decodes the events that do not use it."""
 
     channels: Annotated[list[Channel], msgspec.Meta(min_length=1, max_length=3)]
     template: TemplateName | None = None

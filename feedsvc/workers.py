@@ -128,10 +128,19 @@ async def process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None = 
 async def _keep_claimed(rt: Runtime, delivery: Delivery, consumer: str) -> AsyncIterator[None]:
     """While a task runs (a long fan-out, a retry through an outage), tell the queue every
     third of ``FEEDSVC_CLAIM_IDLE`` that it is still being worked on, so no other consumer
-    takes it over and does it a second time."""
+    takes it over and does it a second time.
+
+    The toucher also ends by itself once the task is done: a cancellation that arrives
+    while a touch is in flight can be swallowed by the Redis client, and a toucher that
+    then went on looping held its consumer (and a burst ``drain``) forever."""
+    done = asyncio.Event()
+
     async def touch() -> None:
-        while True:
-            await asyncio.sleep(rt.settings.claim_idle / 3)
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), rt.settings.claim_idle / 3)
+            if done.is_set():
+                return
             with contextlib.suppress(RetryableError):
                 await rt.queue.touch(delivery, consumer)
 
@@ -139,6 +148,7 @@ async def _keep_claimed(rt: Runtime, delivery: Delivery, consumer: str) -> Async
     try:
         yield
     finally:
+        done.set()
         toucher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await toucher

@@ -36,12 +36,14 @@ class Policy(Setup):
         """``rounds`` times: work every queue until nothing is claimable, then move the
         fake clock ``step_s`` on and make what is due by it claimable."""
         for _ in range(rounds):
-            while True:
+            for _ in range(50):  # a loop that never empties the queues fails, not hangs
                 await drain(self.api.rt, providers=self.providers)
                 await self.api.rt.queue.move_due(self.clock())
                 stats = await self.api.rt.queue.stats()
                 if not sum(stats.queued.values()):
                     break
+            else:
+                raise AssertionError(f"the queues do not empty: {stats}")
             self.clock.advance(step_s)
             await self.api.rt.queue.move_due(self.clock())
 
