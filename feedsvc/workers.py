@@ -115,10 +115,15 @@ async def process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None = 
 async def _keep_claimed(rt: Runtime, delivery: Delivery, consumer: str) -> AsyncIterator[None]:
     """While a task runs (a long fan-out, a retry through an outage), tell the queue every
     third of ``FEEDSVC_CLAIM_IDLE`` that it is still being worked on, so no other consumer
-    takes it over and does it a second time."""
+    takes it over and does it a second time.
+
+    The toucher ends on ``finished``, not on cancellation alone: redis-py can swallow a
+    cancellation that lands while it reconnects, and a toucher that kept looping after
+    that held its consumer (and a clean shutdown) forever."""
+    finished = asyncio.Event()
+
     async def touch() -> None:
-        while True:
-            await asyncio.sleep(rt.settings.claim_idle / 3)
+        while not await _pause(finished, rt.settings.claim_idle / 3):
             with contextlib.suppress(RetryableError):
                 await rt.queue.touch(delivery, consumer)
 
@@ -126,6 +131,7 @@ async def _keep_claimed(rt: Runtime, delivery: Delivery, consumer: str) -> Async
     try:
         yield
     finally:
+        finished.set()
         toucher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await toucher

@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 from feedsvc import intake
+from feedsvc.errors import RetryableError
 from feedsvc.model import PRIORITIES, Event, Priority
 from feedsvc.queue.embedded import EmbeddedQueue
 from feedsvc.queue.redis import RedisQueue
@@ -287,7 +288,14 @@ async def wait_delivered(api: Api, users: list[str], events: list[str], seconds:
                          ) -> None:
     """Until every user has at least ``len(events)`` rows (then ``exactly_once`` checks)."""
     deadline = time.monotonic() + seconds
-    while not all([len(await api.rows(u)) >= len(events) for u in users]):
+
+    async def delivered() -> bool:
+        try:
+            return all([len(await api.rows(u)) >= len(events) for u in users])
+        except RetryableError:  # a node still catching up after the fault: poll again
+            return False
+
+    while not await delivered():
         if time.monotonic() > deadline:
             missing = {u: sorted(set(events) - set(await api.rows(u))) for u in users[:3]}
             raise AssertionError(f"not delivered within {seconds} s: {missing}; owed "
