@@ -15,14 +15,13 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from cassandra.cluster import Cluster, Session
-from redis.asyncio.cluster import RedisCluster
 
 from feedsvc.api.app import init_app
 from feedsvc.api.server import GuardedAppRunner, Limits
 from feedsvc.config import Settings
 from feedsvc.migrate import migrate
 from feedsvc.queue.embedded import EmbeddedQueue
-from feedsvc.queue.redis import RedisQueue
+from feedsvc.queue.redis import RedisQueue, cluster_client
 from feedsvc.runtime import Runtime, open_delivery
 from feedsvc.store.cassandra import CassandraStore, connect_cluster
 from feedsvc.store.recipients_cassandra import CassandraRecipients
@@ -103,7 +102,7 @@ def prefix() -> str:
 @pytest.fixture
 async def redis_client(endpoints: Endpoints, prefix: str) -> AsyncIterator[aioredis.Redis]:
     """A Redis client; every key under this test's prefix is deleted afterwards."""
-    client: Any = (RedisCluster.from_url(endpoints.redis_url) if endpoints.redis_cluster
+    client: Any = (cluster_client(endpoints.redis_url) if endpoints.redis_cluster
                    else aioredis.Redis.from_url(endpoints.redis_url))
     try:
         yield client

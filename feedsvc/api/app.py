@@ -161,7 +161,8 @@ def _buckets_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterato
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         buckets: Buckets
         if settings.redis_url and not settings.embedded:
-            buckets = RedisBuckets.open(settings.redis_url, settings.queue_prefix)
+            buckets = RedisBuckets.open(settings.redis_url, settings.queue_prefix,
+                                        cluster=settings.redis_cluster)
         else:
             buckets = LocalBuckets()
         app[BUCKETS] = buckets
