@@ -82,10 +82,11 @@ WITH_SERVICES = set -e; \
 	fi
 
 bench: venv
-	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench
+	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench; $(BIN)/python -m loadtest.bench_delivery
 
 bench-quick: venv
-	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --quick
+	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --quick; \
+	$(BIN)/python -m loadtest.bench_delivery --followers 2000 --audience 100000
 
 load: venv
 	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --only locust

@@ -142,7 +142,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
                 stop = asyncio.Event()
                 try:
                     done = await run_workers(rt, args.concurrency, stop, burst=args.burst,
-                                             queues=queues, providers=providers)
+                                             queues=queues, providers=providers,
+                                             senders=args.senders)
                 finally:
                     stop.set()
                 log.info("worker processed %d entries", done)
@@ -270,6 +271,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="feedsvc", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("FEEDSVC_LOG_LEVEL", "INFO"))
@@ -297,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     api_p.set_defaults(demo=False)
     worker_p = command("worker", "fan-out and delivery workers", cmd_worker)
     worker_p.add_argument("--concurrency", type=_positive, default=4)
+    worker_p.add_argument("--senders", type=_count, default=16,
+                          help="more consumers for the push/sms/email queues only (a send "
+                               "mostly waits on its provider); 0 for none")
     worker_p.add_argument("--queues", default="fanout,push,sms,email",
                           help="the queues these consumers serve (default: all of them)")
     worker_p.add_argument("--burst", action="store_true",
