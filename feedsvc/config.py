@@ -78,6 +78,19 @@ def _channels(text: str) -> tuple[str, ...]:
     return channels
 
 
+def _webhook_secrets(text: str) -> tuple[tuple[str, str], ...]:
+    """``email=whsec_...,fcm=whsec_...``: one Standard Webhooks secret per provider name."""
+    out: list[tuple[str, str]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, secret = part.partition("=")
+        if not sep or not re.fullmatch(r"[a-z0-9_-]{1,32}", name):
+            raise ValueError("use provider=whsec_<base64>,... (provider: 1-32 of a-z 0-9 _ -)")
+        if not re.fullmatch(r"whsec_[A-Za-z0-9+/]+={0,2}", secret) or len(secret) < 30:
+            raise ValueError(f"the secret of {name} must be whsec_ and base64 (16+ bytes)")
+        out.append((name, secret))
+    return tuple(out)
+
+
 def _hosts(text: str) -> tuple[str, ...]:
     hosts = tuple(h.strip() for h in text.split(",") if h.strip())
     for host in hosts:
@@ -246,6 +259,12 @@ _VARS: tuple[_Var, ...] = (
          "timeout of one provider call (default 10s)"),
     _Var("delivery_max_attempts", "FEEDSVC_DELIVERY_MAX_ATTEMPTS", _positive_int,
          "provider calls per delivery before it is dead-lettered (default 8)"),
+    # Provider status webhooks (feedsvc/delivery/status.py).
+    _Var("public_url", "FEEDSVC_PUBLIC_URL", _http_url,
+         "the service's URL as providers call it (https://feed.example.com), for Twilio "
+         "signatures behind a proxy (default: the URL the request arrived at)"),
+    _Var("webhook_secrets", "FEEDSVC_WEBHOOK_SECRETS", _webhook_secrets,
+         "Standard Webhooks secrets of status callbacks: provider=whsec_...,..."),
 )
 
 
@@ -307,6 +326,9 @@ class Settings:
     console_channels: tuple[str, ...] = ()
     provider_timeout: float = 10.0
     delivery_max_attempts: int = 8
+    # Provider status webhooks.
+    public_url: str | None = None
+    webhook_secrets: tuple[tuple[str, str], ...] = ()
 
     @property
     def embedded(self) -> bool:

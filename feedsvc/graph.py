@@ -58,6 +58,7 @@ async def _enqueue_pairs(rt: Runtime, task: type[BackfillTask | UnmergeTask],
 
 async def follow(rt: Runtime, user_id: str, author_id: str) -> bool:
     _check_pair(user_id, author_id)
+    await rt.erased.refuse(rt, user_id, author_id)
     changed = await rt.store.follow(user_id, author_id)
     mode = await refresh_mode(rt, author_id)
     if changed and mode == "push":
@@ -91,6 +92,11 @@ async def follow_many(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> int:
     """Apply many follows; returns how many edges were new."""
     for user_id, author_id in pairs:
         _check_pair(user_id, author_id)
+    erased = await rt.erased.get(rt)
+    for i, (user_id, author_id) in enumerate(pairs):
+        if user_id in erased or author_id in erased:
+            raise Unprocessable("a follow names an erased user", code="user_erased",
+                                field=f"follows[{i}]")
     changed = await add_edges(rt, pairs)
     modes: dict[str, Mode] = {}
     for author_id in dict.fromkeys(a for _, a in pairs):

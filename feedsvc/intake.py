@@ -224,6 +224,10 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
     now = rt.now_ms()
     incoming, body_hash = parse_body(raw)
     created_at = validate(incoming, now, rt.settings.retention_ms)
+    erased = await rt.erased.get(rt)
+    if incoming.author_id in erased:
+        raise Unprocessable(f"user {incoming.author_id!r} was erased", code="user_erased",
+                            field="author_id")
     route: Route
     if incoming.audience is not None:
         route = "direct"
@@ -240,7 +244,9 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
         # Taken now, after the reads above: the outbox row lands in the bucket of this
         # moment, which the sweeper's checkpoint has not passed (feedsvc/sweeper.py).
         accepted_at=rt.now_ms(), body_hash=body_hash, object_id=incoming.object_id,
-        audience=list(dict.fromkeys(incoming.audience.users)) if incoming.audience else None,
+        # Erased users are left out of a direct audience (feedsvc/erasure.py).
+        audience=[u for u in dict.fromkeys(incoming.audience.users) if u not in erased]
+        if incoming.audience else None,
         notify=incoming.notify,
     )
     ttl = rt.ttl_left_s(created_at, now)

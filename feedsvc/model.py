@@ -209,7 +209,15 @@ class ChannelTask(msgspec.Struct, tag="channel", frozen=True):
     attempt: int = 0  # provider calls already made for ``target``
 
 
-Task = FanoutTask | BackfillTask | UnmergeTask | NotifyTask | ChannelTask
+class EraseTask(msgspec.Struct, tag="erase", frozen=True):
+    """One step of erasing a user (``feedsvc/erasure.py``): a batch of ``step``, then the
+    task of the next batch is queued."""
+
+    user_id: str
+    step: str
+
+
+Task = FanoutTask | BackfillTask | UnmergeTask | NotifyTask | ChannelTask | EraseTask
 
 
 class Envelope(msgspec.Struct, frozen=True):

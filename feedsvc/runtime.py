@@ -19,8 +19,10 @@ from feedsvc.clock import now_ms
 from feedsvc.config import Settings
 from feedsvc.delivery.recipients import Recipients
 from feedsvc.delivery.state import DeliveryState
+from feedsvc.errors import Unprocessable
 from feedsvc.queue.base import Queue
 from feedsvc.store.base import BackendStore, Outbox, Store
+from feedsvc.store.policy import PolicyState
 
 
 class PullSetCache:
@@ -36,6 +38,35 @@ class PullSetCache:
             self.value = await store.pull_authors()
             self.expires = now + ttl
         return self.value
+
+
+class ErasedCache:
+    """The erased users (``feedsvc/erasure.py``), reused for ``ERASED_TTL_S`` by this
+    process; an erasure made here is seen here at once, elsewhere within that time."""
+
+    ERASED_TTL_S = 1.0
+
+    def __init__(self) -> None:
+        self.value: dict[str, int] = {}
+        self.expires = 0.0
+
+    async def get(self, rt: Runtime) -> dict[str, int]:
+        now = time.monotonic()
+        if now >= self.expires:
+            self.value = await rt.policy.erasures.erased()
+            self.expires = now + self.ERASED_TTL_S
+        return self.value
+
+    def add(self, user_id: str, erased_at: int) -> None:
+        self.value = {**self.value, user_id: erased_at}
+
+    async def refuse(self, rt: Runtime, *user_ids: str) -> None:
+        """422 ``user_erased`` naming the first erased user among ``user_ids``."""
+        erased = await self.get(rt)
+        for user_id in user_ids:
+            if user_id in erased:
+                raise Unprocessable(f"user {user_id!r} was erased", code="user_erased",
+                                    field="user_id")
 
 
 class WorkerHealth:
@@ -74,7 +105,10 @@ class Runtime:
     queue: Queue
     recipients: Recipients  # delivery: devices, contacts, preferences
     delivery: DeliveryState  # delivery: templates, the delivery log, send-once claims
+    # provider message ids, seen webhooks, inbox read marks, erasure (feedsvc/store/policy.py)
+    policy: PolicyState
     pull_set: PullSetCache = field(default_factory=PullSetCache)
+    erased: ErasedCache = field(default_factory=ErasedCache)
     health: WorkerHealth = field(default_factory=lambda: WorkerHealth())
 
     @property
@@ -159,6 +193,25 @@ async def open_recipients(store: BackendStore) -> Recipients:
     return await SqliteRecipients.open(store)
 
 
+async def open_policy(store: BackendStore) -> PolicyState:
+    """Provider ids, seen webhooks, read marks and erasures, on the same file or session
+    as ``store`` (after ``open_delivery``: the embedded file indexes the delivery log)."""
+    from feedsvc.store.cassandra import CassandraStore
+
+    ports: Any
+    if isinstance(store, CassandraStore):
+        from feedsvc.store.policy_cassandra import CassandraPolicyStore
+
+        ports = await CassandraPolicyStore.open(store)
+    else:
+        from feedsvc.store.policy_sqlite import SqlitePolicyStore
+        from feedsvc.store.sqlite import SqliteStore
+
+        assert isinstance(store, SqliteStore)
+        ports = await SqlitePolicyStore.open(store)
+    return PolicyState(ports, ports, ports, ports)
+
+
 async def open_queue(settings: Settings) -> Queue:
     if settings.embedded:
         from feedsvc.queue.embedded import EmbeddedQueue
@@ -188,7 +241,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         try:
             delivery = await open_delivery(store, queue)
             yield Runtime(settings, store, queue, recipients=recipients,
-                          delivery=delivery)
+                          delivery=delivery, policy=await open_policy(store))
         finally:
             await queue.close()
     finally:

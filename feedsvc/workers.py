@@ -24,11 +24,11 @@ import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from feedsvc import fanout
+from feedsvc import erasure, fanout
 from feedsvc.delivery import notify, send
 from feedsvc.delivery.providers.registry import Providers
 from feedsvc.errors import RetryableError
-from feedsvc.model import ChannelTask, Envelope, FanoutTask, NotifyTask
+from feedsvc.model import ChannelTask, Envelope, EraseTask, FanoutTask, NotifyTask
 from feedsvc.queue.base import FANOUT, QUEUES, Delivery, QueueName
 from feedsvc.runtime import Runtime
 from feedsvc.sweeper import Sweeper
@@ -81,7 +81,11 @@ async def handle(rt: Runtime, envelope: Envelope, providers: Providers,
     """One task, by kind: a channel delivery, a page of a notify fan-out, or fan-out work."""
     task = envelope.task
     if isinstance(task, ChannelTask):
+        if task.user_id in await rt.erased.get(rt):
+            return  # erased meanwhile: nothing is sent to them (feedsvc/erasure.py)
         await send.deliver(rt, task, providers, holder)
+    elif isinstance(task, EraseTask):
+        await erasure.erase_step(rt, task)
     elif isinstance(task, NotifyTask):
         await notify.notify_page(rt, task)
     else:

@@ -22,7 +22,7 @@ from feedsvc.config import Settings
 from feedsvc.migrate import migrate
 from feedsvc.queue.embedded import EmbeddedQueue
 from feedsvc.queue.redis import RedisQueue, cluster_client
-from feedsvc.runtime import Runtime, open_delivery
+from feedsvc.runtime import Runtime, open_delivery, open_policy
 from feedsvc.store.cassandra import CassandraStore, connect_cluster
 from feedsvc.store.recipients_cassandra import CassandraRecipients
 from feedsvc.store.recipients_sqlite import SqliteRecipients
@@ -159,10 +159,12 @@ async def make_runtime(
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
             return Runtime(settings, store, queue,
                            recipients=cassandra_recipients,
-                           delivery=await open_delivery(store, queue))
+                           delivery=await open_delivery(store, queue),
+                           policy=await open_policy(store))
         opened.append(queue.close)
         return Runtime(settings, store, queue, recipients=recipients,
-                       delivery=await open_delivery(store, queue))
+                       delivery=await open_delivery(store, queue),
+                       policy=await open_policy(store))
 
     yield factory
     for close in reversed(opened):

@@ -21,7 +21,7 @@ from feedsvc.errors import RetryableError
 from feedsvc.model import PRIORITIES, Event, Priority
 from feedsvc.queue.embedded import EmbeddedQueue
 from feedsvc.queue.redis import RedisQueue
-from feedsvc.runtime import Runtime, open_delivery, open_runtime
+from feedsvc.runtime import Runtime, open_delivery, open_policy, open_runtime
 from feedsvc.store.base import OutboxRow, outbox_bucket
 from feedsvc.store.cassandra import CassandraStore
 from feedsvc.store.recipients_cassandra import CassandraRecipients
@@ -279,7 +279,8 @@ async def cassandra_runtime(
     try:
         yield Runtime(settings, cassandra_store, queue,
                       recipients=cassandra_recipients,
-                      delivery=await open_delivery(cassandra_store, queue))
+                      delivery=await open_delivery(cassandra_store, queue),
+                      policy=await open_policy(cassandra_store))
     finally:
         await queue.close()
 

@@ -142,12 +142,13 @@ def principal_of(request: web.Request) -> Principal:
 def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
     """Build the application around an open runtime; ``workers`` > 0 also runs that many
     fan-out consumers inside this process (``feedsvc serve``)."""
-    from feedsvc.api import delivery, recipients, routes
+    from feedsvc.api import delivery, policy, recipients, routes
 
     app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BULK_BODY_BYTES)
     app[RUNTIME] = rt
     app[ACCESS] = {}
-    for method, path, handler, access in routes.ROUTES + recipients.ROUTES + delivery.ROUTES:
+    for method, path, handler, access in (routes.ROUTES + recipients.ROUTES + delivery.ROUTES
+                                          + policy.ROUTES):
         app.router.add_route(method, path, handler)
         app[ACCESS].setdefault(path, {})[method] = access
     if workers > 0:

@@ -40,6 +40,7 @@ from feedsvc.delivery.providers.base import Outgoing, TargetKind, WebPushKeys
 from feedsvc.delivery.providers.registry import Providers
 from feedsvc.delivery.recipients import Device, deactivate_contact
 from feedsvc.delivery.state import DeliveryRecord, DeliveryStatus
+from feedsvc.delivery.status import remember_sent
 from feedsvc.delivery.templates import EventVars, Template, render
 from feedsvc.errors import (
     DeadTarget,
@@ -205,6 +206,9 @@ async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers:
         return
     await rt.delivery.once.mark_sent(once)
     await _log(rt, task, target.target, "sent", None, attempts + 1)
+    await remember_sent(rt, receipt.provider, receipt.message_id, task.event.event_id,
+                        task.user_id, task.channel, target.target, target.address,
+                        rt.ttl_left_s(task.event.created_at))
     log.debug("sent %s via %s (%s)", key, receipt.provider, receipt.message_id)
 
 

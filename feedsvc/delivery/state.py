@@ -21,7 +21,9 @@ import msgspec
 from feedsvc.delivery.templates import Template
 from feedsvc.model import Channel
 
-DeliveryStatus = Literal["queued", "scheduled", "sent", "failed", "dead", "suppressed"]
+DeliveryStatus = Literal["queued", "scheduled", "sent", "failed", "dead", "suppressed",
+                         # reported later by the provider (POST /v1/providers/.../status)
+                         "delivered", "undelivered", "bounced", "opened"]
 ClaimState = Literal["claimed", "sent", "busy"]
 SENT_TTL_S = 7 * 86_400  # how long a sent key is remembered (a replay after that re-sends)
 
@@ -65,6 +67,9 @@ class SendOnce(Protocol):
 
     async def release(self, key: str, holder: str) -> None:
         """Drop the caller's lease (the send failed): the key may be claimed again."""
+
+    async def forget(self, key: str) -> None:
+        """Drop the key whatever its state (erasure)."""
 
 
 @dataclass(frozen=True)
