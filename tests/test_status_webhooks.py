@@ -25,7 +25,7 @@ from feedsvc.delivery.status import (
 from feedsvc.errors import Forbidden
 from tests.conftest import MakeApi
 from tests.fakes import twilio as twilio_fake
-from tests.fakes.suite import EMAIL_FROM, Fakes, running_fakes
+from tests.fakes.suite import EMAIL_FROM, running_fakes
 from tests.test_delivery import Setup, register
 
 PUBLIC = "https://feed.example.com"
