@@ -17,16 +17,17 @@ nothing, the progress recorded after each batch (``removed`` per kind):
 2. ``followers``: the edges of their followers, counts fixed, and their pushed events
    removed from each follower's inbox;
 3. ``events``: their events in their author partition and by id (the door dedup key);
-4. ``deliveries``: their delivery log, the send-once keys of those deliveries, and the
+4. ``direct``: their direct events (indexed by author when written), in every inbox of
+   their audience and by id;
+5. ``deliveries``: their delivery log, the send-once keys of those deliveries, and the
    provider message ids that name them;
-5. ``inbox``: their own inbox.
+6. ``inbox``: their own inbox.
 
 Every step is idempotent, so a batch redone (a worker died) or a task queued twice (a
 second ``DELETE`` while it runs) removes nothing twice. The task is a queue entry: if the
 status stops moving (a Redis that lost the entry), ``DELETE`` again resumes it at the
-recorded step. Their direct events are not indexed by author: the rows stay in their
-recipients' inboxes until they expire, but no route returns them (reads drop erased
-authors).
+recorded step. A fan-out of their event still queued when the erasure came is dropped by
+the worker (``workers.handle``), so no row of theirs is written behind the job.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ from feedsvc.store.policy import ErasureStatus
 
 log = logging.getLogger(__name__)
 
-STEPS = ("following", "followers", "events", "deliveries", "inbox")
+STEPS = ("following", "followers", "events", "direct", "deliveries", "inbox")
 BATCH = 500
+DIRECT_BATCH = 20  # direct events per batch (each reaches up to 10,000 inboxes)
 IN_FLIGHT = 32  # deletes in flight per batch
 
 
@@ -133,6 +135,18 @@ async def _events(rt: Runtime, user_id: str) -> int:
     return len(items)
 
 
+async def _direct(rt: Runtime, user_id: str) -> int:
+    erasures = rt.policy.erasures
+    positions = await erasures.direct_events(user_id, DIRECT_BATCH)
+    for position in positions:
+        event = await rt.store.get_event(position.event_id)
+        if event is not None and event.author_id == user_id:
+            await _bounded([erasures.delete_inbox_row(u, event.created_at, event.event_id)
+                            for u in event.audience or []])
+        await erasures.delete_direct(user_id, position.created_at, position.event_id)
+    return len(positions)
+
+
 async def _deliveries(rt: Runtime, user_id: str) -> int:
     events = await rt.policy.erasures.delivery_events(user_id, BATCH)
 
@@ -154,4 +168,4 @@ async def _inbox(rt: Runtime, user_id: str) -> int:
 
 
 _BATCHES = {"following": _following, "followers": _followers, "events": _events,
-            "deliveries": _deliveries, "inbox": _inbox}
+            "direct": _direct, "deliveries": _deliveries, "inbox": _inbox}

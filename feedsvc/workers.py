@@ -86,6 +86,11 @@ async def handle(rt: Runtime, envelope: Envelope, providers: Providers,
         await send.deliver(rt, task, providers, holder)
     elif isinstance(task, EraseTask):
         await erasure.erase_step(rt, task)
+    elif (isinstance(task, FanoutTask | NotifyTask)
+          and task.event.author_id in await rt.erased.get(rt)):
+        event = task.event  # erased meanwhile: nothing of theirs is written or sent
+        await rt.outbox.settle(event.event_id, event.accepted_at,
+                               max(1, rt.ttl_left_s(event.created_at)))
     elif isinstance(task, NotifyTask):
         await notify.notify_page(rt, task)
     else:

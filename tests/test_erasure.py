@@ -57,6 +57,7 @@ async def test_erasure_removes_everything_and_sends_nothing_after(setup: Setup) 
     await rt.queue.enqueue("medium", Envelope(ChannelTask(event, victim, "email"),
                                               rt.now_ms()), queue="email")
 
+    late = await api.post_ok(victim)  # its fan-out is still queued when the erasure comes
     assert (await s.call("DELETE", f"/v1/users/{victim}", headers=api.token(victim)))[0] == 403
     status, body = await s.call("DELETE", f"/v1/users/{victim}")
     assert status == 202 and (body["state"], body["step"]) == ("queued", "following")
@@ -84,7 +85,8 @@ async def test_erasure_removes_everything_and_sends_nothing_after(setup: Setup) 
     status, body = await s.call("GET", f"/v1/users/{victim}/erasure")
     assert status == 200 and (body["state"], body["step"]) == ("done", "done")
     assert body["removed"]["following"] == 2 and body["removed"]["followers"] == 2
-    assert body["removed"]["events"] == 2 and body["removed"]["devices"] == 1
+    assert body["removed"]["events"] == 3 and body["removed"]["devices"] == 1
+    assert body["removed"]["direct"] == 1
     assert body["removed"]["deliveries"] >= 1
 
     accepted = s.fakes.fcm.ledger.accepted
@@ -102,10 +104,12 @@ async def test_erasure_removes_everything_and_sends_nothing_after(setup: Setup) 
     # Rows in the stores, not only what reads show.
     assert await api.rows(victim) == []
     for fan in fans:
-        assert not set(own) & set(await api.rows(fan))
+        assert not {*own, late} & set(await api.rows(fan))
     since = rt.now_ms() - rt.settings.retention_ms
     assert await rt.store.author_events(victim, None, 100, since) == []
-    assert [await rt.store.get_event(e) for e in own] == [None, None]
+    assert [await rt.store.get_event(e) for e in [*own, late, direct]] == [None] * 4
+    assert direct not in await api.rows(friend)
+    assert both in await api.rows(friend)
     assert await rt.delivery.log.records(notified, victim) == []
     assert await rt.delivery.once.claim(claim_key(notified, victim, "push", "android"),
                                         "probe", 1) == "claimed"

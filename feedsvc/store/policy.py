@@ -97,6 +97,18 @@ class Erasures(Protocol):
         """One event everywhere it is stored once: its author's partition and its row by
         id (the door dedup key)."""
 
+    async def index_direct(self, author_id: str, created_at: int, event_id: str,
+                           ttl_s: int) -> None:
+        """Record a direct event under its author (direct events have no partition)."""
+
+    async def direct_events(self, author_id: str, limit: int) -> list[Position]: ...
+
+    async def delete_direct(self, author_id: str, created_at: int, event_id: str) -> None:
+        """A direct event's index row and its row by id."""
+
+    async def delete_inbox_row(self, user_id: str, created_at: int, event_id: str) -> None:
+        ...
+
     async def delivery_events(self, user_id: str, limit: int) -> list[str]:
         """Events the user has delivery log rows of (up to ``limit``)."""
 

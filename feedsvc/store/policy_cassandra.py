@@ -46,6 +46,14 @@ _STATEMENTS = {
     "delete_author_event": "DELETE FROM {ks}.events_by_author WHERE author_id = ? AND "
                            "bucket = ? AND created_at = ? AND event_id = ?",
     "delete_event": "DELETE FROM {ks}.events_by_id WHERE event_id = ?",
+    "index_direct": "INSERT INTO {ks}.direct_events_by_author (author_id, created_at, "
+                    "event_id) VALUES (?, ?, ?) USING TTL ?",
+    "direct_events": "SELECT created_at, event_id FROM {ks}.direct_events_by_author WHERE "
+                     "author_id = ? LIMIT ?",
+    "delete_direct": "DELETE FROM {ks}.direct_events_by_author WHERE author_id = ? AND "
+                     "created_at = ? AND event_id = ?",
+    "delete_inbox_row": "DELETE FROM {ks}.inbox_by_user WHERE user_id = ? AND created_at = ? "
+                        "AND event_id = ?",
     "delivery_events": "SELECT event_id FROM {ks}.deliveries_by_user WHERE user_id = ? "
                        "LIMIT ?",
     "delete_deliveries": "DELETE FROM {ks}.deliveries_by_notification WHERE event_id = ? "
@@ -148,6 +156,21 @@ class CassandraPolicyStore:
             self._run("delete_author_event", author_id, bucket_of(created_at), created_at,
                       event_id),
             self._run("delete_event", event_id))
+
+    async def index_direct(self, author_id: str, created_at: int, event_id: str,
+                           ttl_s: int) -> None:
+        await self._run("index_direct", author_id, created_at, event_id, max(1, ttl_s))
+
+    async def direct_events(self, author_id: str, limit: int) -> list[Position]:
+        rows = await self._run("direct_events", author_id, limit)
+        return [Position(int(t), str(e)) for t, e in rows]  # type: ignore[call-overload]
+
+    async def delete_direct(self, author_id: str, created_at: int, event_id: str) -> None:
+        await self._run("delete_event", event_id)
+        await self._run("delete_direct", author_id, created_at, event_id)
+
+    async def delete_inbox_row(self, user_id: str, created_at: int, event_id: str) -> None:
+        await self._run("delete_inbox_row", user_id, created_at, event_id)
 
     async def delivery_events(self, user_id: str, limit: int) -> list[str]:
         return [str(r[0]) for r in await self._run("delivery_events", user_id, limit)]

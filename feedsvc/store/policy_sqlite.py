@@ -24,6 +24,9 @@ CREATE TABLE IF NOT EXISTS webhooks_seen (
 CREATE TABLE IF NOT EXISTS read_state_by_user (
     user_id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, event_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS erased_users (user_id TEXT PRIMARY KEY, erased_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS direct_events_by_author (
+    author_id TEXT NOT NULL, created_at INTEGER NOT NULL, event_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL, PRIMARY KEY (author_id, created_at, event_id));
 CREATE TABLE IF NOT EXISTS erasures_by_user (user_id TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS deliveries_by_user ON deliveries_by_recipient (user_id, event_id);
 """
@@ -134,6 +137,29 @@ class SqlitePolicyStore:
                 db.execute("DELETE FROM events_by_id WHERE event_id = ?", (event_id,))
 
         await self.store._run(delete)
+
+    async def index_direct(self, author_id: str, created_at: int, event_id: str,
+                           ttl_s: int) -> None:
+        await self._exec("INSERT OR REPLACE INTO direct_events_by_author VALUES (?, ?, ?, ?)",
+                         author_id, created_at, event_id, now_ms() + max(1, ttl_s) * 1000)
+
+    async def direct_events(self, author_id: str, limit: int) -> list[Position]:
+        rows = await self._all("SELECT created_at, event_id FROM direct_events_by_author "
+                               "WHERE author_id = ? LIMIT ?", author_id, limit)
+        return [Position(t, e) for t, e in rows]
+
+    async def delete_direct(self, author_id: str, created_at: int, event_id: str) -> None:
+        def delete() -> None:
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM events_by_id WHERE event_id = ?", (event_id,))
+                db.execute("DELETE FROM direct_events_by_author WHERE author_id = ? AND "
+                           "created_at = ? AND event_id = ?", (author_id, created_at, event_id))
+
+        await self.store._run(delete)
+
+    async def delete_inbox_row(self, user_id: str, created_at: int, event_id: str) -> None:
+        await self._exec("DELETE FROM inbox_by_user WHERE user_id = ? AND created_at = ? AND "
+                         "event_id = ?", user_id, created_at, event_id)
 
     async def delivery_events(self, user_id: str, limit: int) -> list[str]:
         rows = await self._all("SELECT DISTINCT event_id FROM deliveries_by_recipient WHERE "
