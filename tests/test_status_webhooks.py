@@ -153,10 +153,15 @@ async def test_twilio_bad_input_is_4xx_and_changes_nothing(setup: Setup) -> None
     response = await s.api.client.post(path, json={"MessageSid": sid})
     assert response.status == 415
     assert (await twilio(s, {"MessageStatus": "delivered"}))[0] == 422  # signed, no sid
+    for code in ("²", "9" * 5000, "-21610", "21610.0"):
+        form = {"MessageSid": sid, "MessageStatus": "sending", "ErrorCode": code}
+        assert (await twilio(s, form))[1]["result"] == "ignored", code
     response = await s.api.client.post(path, data=b"MessageSid=x",
                                        headers={"Content-Type": _FORM})
     assert response.status == 403  # no signature at all
     assert (await s.deliveries(event_id, fan))[("sms", "sms")]["status"] == "sent"
+    contacts = (await s.call("GET", f"/v1/users/{fan}/contacts"))[1]
+    assert contacts["phone_active"] is True
 
 
 _FORM = "application/x-www-form-urlencoded"

@@ -205,7 +205,10 @@ async def _disable(rt: Runtime, ref: SentRef, reason: str) -> None:
 
 def twilio_disables(error_code: str | None) -> bool:
     """A Twilio error code that means the number can never receive (21610: opted out)."""
-    return bool(error_code and error_code.isdigit() and int(error_code) in DEAD_CODES)
+    # isascii first: "²".isdigit() is true and int() refuses it; int() of a long digit
+    # string is slow, and past 4,300 digits it raises.
+    return bool(error_code and len(error_code) <= 9 and error_code.isascii()
+                and error_code.isdigit() and int(error_code) in DEAD_CODES)
 
 
 def standard_key(secrets: Iterable[tuple[str, str]], provider: str) -> bytes | None:
