@@ -23,10 +23,10 @@ nothing, the progress recorded after each batch (``removed`` per kind):
    provider message ids that name them;
 6. ``inbox``: their own inbox.
 
-Every step is idempotent, so a batch redone (a worker died) or a task queued twice (a
-second ``DELETE`` while it runs) removes nothing twice. The task is a queue entry: if the
-status stops moving (a Redis that lost the entry), ``DELETE`` again resumes it at the
-recorded step. A fan-out of their event still queued when the erasure came is dropped by
+Every step is idempotent, so a batch redone (a worker died) removes nothing twice. The
+task is a queue entry: if the status stops moving for ``STALLED_MS`` (a Redis that lost
+the entry), ``DELETE`` again resumes it at the recorded step; while it moves, ``DELETE``
+only answers its progress. A fan-out of their event still queued when the erasure came is dropped by
 the worker (``workers.handle``), so no row of theirs is written behind the job.
 """
 
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 STEPS = ("following", "followers", "events", "direct", "deliveries", "inbox")
 BATCH = 500
+STALLED_MS = 60_000  # a job whose status has not moved this long is queued again by DELETE
 DIRECT_BATCH = 20  # direct events per batch (each reaches up to 10,000 inboxes)
 IN_FLIGHT = 32  # deletes in flight per batch
 
@@ -65,8 +66,11 @@ async def request_erasure(rt: Runtime, user_id: str) -> ErasureStatus:
     await asyncio.gather(*(rt.recipients.delete_device(user_id, d.device_id) for d in devices),
                          erasures.delete_contacts_and_preferences(user_id),
                          rt.policy.reads.forget_seen(user_id))
+    if existing is not None and now - existing.updated_at < STALLED_MS:
+        return existing  # moving: a second chain of tasks would only repeat its work
     status = existing or ErasureStatus(user_id, "queued", STEPS[0], now, now,
                                        {"devices": len(devices)})
+    status = msgspec.structs.replace(status, updated_at=now)
     await erasures.put_status(status)
     await rt.queue.enqueue("medium", Envelope(EraseTask(user_id, status.step), now))
     return status

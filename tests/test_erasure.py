@@ -127,3 +127,37 @@ async def test_erasure_removes_everything_and_sends_nothing_after(setup: Setup) 
     assert status == 202 and body["state"] == "done"
     assert (await s.call("GET", f"/v1/users/{api.user('nobody')}/erasure"))[0] == 404
     assert (await s.call("DELETE", "/v1/users/a%20b"))[0] == 400
+
+
+async def test_an_erased_celebrity_leaves_pulls_and_badges_at_once(setup: Setup) -> None:
+    s, api, rt = setup, setup.api, setup.api.rt
+    star, other = api.user("star"), api.user("other")
+    fans = [api.user(f"fan{i}") for i in range(3)]
+    await api.bulk([(f, star) for f in fans] + [(fans[0], other)])
+    await api.drain()
+    pulled = [await api.post_ok(star) for _ in range(2)]
+    kept = await api.post_ok(other)
+    await api.drain()
+    assert set(pulled) <= set(await api.inbox_ids(fans[0]))
+    assert not set(pulled) & set(await api.rows(fans[0]))  # pulled at read time, not pushed
+    badge = await s.call("GET", "/v1/inbox/unread_count", headers=api.token(fans[0]))
+    assert badge == (200, {"count": 3, "capped": False})
+
+    assert (await s.call("DELETE", f"/v1/users/{star}"))[0] == 202
+    assert await api.inbox_ids(fans[0]) == [kept]
+    badge = await s.call("GET", "/v1/inbox/unread_count", headers=api.token(fans[0]))
+    assert badge == (200, {"count": 1, "capped": False})
+    status, body = await s.call("POST", "/v1/inbox/seen", {"up_to": pulled[0]},
+                                headers=api.token(fans[1]))
+    assert status == 200  # an erased event id is still a place in time until removed
+    await s.deliver_all()
+    assert (await s.call("GET", f"/v1/users/{star}/erasure"))[1]["state"] == "done"
+    since = rt.now_ms() - rt.settings.retention_ms
+    assert await rt.store.author_events(star, None, 10, since) == []
+    assert await api.inbox_ids(fans[0]) == [kept]
+    status, body = await s.call("POST", "/v1/inbox/seen", {"up_to": pulled[1]},
+                                headers=api.token(fans[1]))
+    assert (status, body["error"]["field"]) == (422, "up_to")  # gone: no longer a place
+    for fan in fans:
+        assert (await s.call("GET", f"/v1/users/{fan}"))[1]["following"] == (
+            1 if fan == fans[0] else 0)
