@@ -24,10 +24,12 @@ nothing, the progress recorded after each batch (``removed`` per kind):
 6. ``inbox``: their own inbox.
 
 Every step is idempotent, so a batch redone (a worker died) removes nothing twice. The
-task is a queue entry: if the status stops moving for ``STALLED_MS`` (a Redis that lost
-the entry), ``DELETE`` again resumes it at the recorded step; while it moves, ``DELETE``
-only answers its progress. A fan-out of their event still queued when the erasure came is dropped by
-the worker (``workers.handle``), so no row of theirs is written behind the job.
+task is a queue entry, but the job is recorded in the store (``erasures_pending`` and its
+status): if the status stops moving for ``STALLED_MS`` (a Redis that lost the entry), the
+outbox sweeper (``resume_stalled``), or a ``DELETE`` again, queues it again at the
+recorded step; while it moves, ``DELETE`` only answers its progress. A fan-out of their
+event still queued when the erasure came is dropped by the worker (``workers.handle``),
+so no row of theirs is written behind the job.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 STEPS = ("following", "followers", "events", "direct", "deliveries", "inbox")
 BATCH = 500
-STALLED_MS = 60_000  # a job whose status has not moved this long is queued again by DELETE
+STALLED_MS = 60_000  # a job whose status has not moved this long is queued again
 DIRECT_BATCH = 20  # direct events per batch (each reaches up to 10,000 inboxes)
 IN_FLIGHT = 32  # deletes in flight per batch
 
@@ -71,9 +73,25 @@ async def request_erasure(rt: Runtime, user_id: str) -> ErasureStatus:
     status = existing or ErasureStatus(user_id, "queued", STEPS[0], now, now,
                                        {"devices": len(devices)})
     status = msgspec.structs.replace(status, updated_at=now)
+    await erasures.set_pending(user_id, True)
     await erasures.put_status(status)
     await rt.queue.enqueue("medium", Envelope(EraseTask(user_id, status.step), now))
     return status
+
+
+async def resume_stalled(rt: Runtime, stalled_ms: int = STALLED_MS) -> int:
+    """Queue again every unfinished erasure whose status has not moved for ``stalled_ms``
+    (its queue entry was lost); the outbox sweeper calls it. Returns how many."""
+    erasures, now, resumed = rt.policy.erasures, rt.now_ms(), 0
+    for user_id in await erasures.pending():
+        status = await erasures.status(user_id)
+        if status is None or status.state == "done":
+            await erasures.set_pending(user_id, False)
+        elif now - status.updated_at >= stalled_ms:
+            await erasures.put_status(msgspec.structs.replace(status, updated_at=now))
+            await rt.queue.enqueue("medium", Envelope(EraseTask(user_id, status.step), now))
+            resumed += 1
+    return resumed
 
 
 async def erase_step(rt: Runtime, task: EraseTask) -> None:
@@ -96,6 +114,7 @@ async def erase_step(rt: Runtime, task: EraseTask) -> None:
     if step != "done":
         await rt.queue.enqueue("medium", Envelope(EraseTask(task.user_id, step), rt.now_ms()))
     else:
+        await erasures.set_pending(task.user_id, False)
         log.info("user %s erased: %s", task.user_id, counts)
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from feedsvc import erasure
 from feedsvc.delivery.notify import claim_key
 from feedsvc.delivery.providers.registry import open_providers
 from feedsvc.model import ChannelTask, Envelope
 from tests.conftest import MakeApi
 from tests.fakes.suite import running_fakes
 from tests.test_delivery import Setup, register
+from tests.test_durability import lose_queue
 
 PUSH = {"channels": ["push"], "message": {"title": "t", "body": "b"}}
 
@@ -161,3 +163,20 @@ async def test_an_erased_celebrity_leaves_pulls_and_badges_at_once(setup: Setup)
     for fan in fans:
         assert (await s.call("GET", f"/v1/users/{fan}"))[1]["following"] == (
             1 if fan == fans[0] else 0)
+
+
+async def test_a_job_whose_queue_entry_was_lost_is_resumed(setup: Setup) -> None:
+    s, api, rt = setup, setup.api, setup.api.rt
+    victim, author = api.user("victim"), api.user("author")
+    await api.follow(victim, author)
+    assert (await s.call("DELETE", f"/v1/users/{victim}"))[0] == 202
+    await lose_queue(rt)  # the job's task is gone with the Redis entries
+    await s.deliver_all()
+    status, body = await s.call("GET", f"/v1/users/{victim}/erasure")
+    assert (status, body["state"]) == (200, "queued")
+    assert await erasure.resume_stalled(rt) == 0  # not stalled for a minute yet
+    assert await erasure.resume_stalled(rt, stalled_ms=0) >= 1
+    await s.deliver_all()
+    assert (await s.call("GET", f"/v1/users/{victim}/erasure"))[1]["state"] == "done"
+    assert (await s.call("GET", f"/v1/users/{author}"))[1]["followers"] == 0
+    assert victim not in await rt.policy.erasures.pending()

@@ -86,6 +86,12 @@ class Erasures(Protocol):
 
     async def status(self, user_id: str) -> ErasureStatus | None: ...
 
+    async def set_pending(self, user_id: str, pending: bool) -> None:
+        """Whether the user's erasure job is still to finish."""
+
+    async def pending(self) -> list[str]:
+        """Users whose erasure job has not finished (few: a row lives while a job runs)."""
+
     async def put_status(self, status: ErasureStatus) -> None: ...
 
     async def delete_contacts_and_preferences(self, user_id: str) -> None: ...

@@ -38,6 +38,9 @@ _STATEMENTS = {
     "forget_seen": "DELETE FROM {ks}.read_state_by_user WHERE user_id = ?",
     "tombstone": "INSERT INTO {ks}.erased_users (shard, user_id, erased_at) VALUES (?, ?, ?)",
     "erased": "SELECT user_id, erased_at FROM {ks}.erased_users WHERE shard = ?",
+    "add_pending": "INSERT INTO {ks}.erasures_pending (shard, user_id) VALUES (?, ?)",
+    "drop_pending": "DELETE FROM {ks}.erasures_pending WHERE shard = ? AND user_id = ?",
+    "pending": "SELECT user_id FROM {ks}.erasures_pending WHERE shard = ? LIMIT 10000",
     "status": "SELECT body FROM {ks}.erasures_by_user WHERE user_id = ?",
     "put_status": "INSERT INTO {ks}.erasures_by_user (user_id, body) VALUES (?, ?)",
     "delete_contacts": "DELETE FROM {ks}.contacts_by_user WHERE user_id = ?",
@@ -140,6 +143,12 @@ class CassandraPolicyStore:
     async def status(self, user_id: str) -> ErasureStatus | None:
         rows = await self._run("status", user_id)
         return _status.decode(rows[0][0]) if rows else None  # type: ignore[arg-type]
+
+    async def set_pending(self, user_id: str, pending: bool) -> None:
+        await self._run("add_pending" if pending else "drop_pending", _SHARD, user_id)
+
+    async def pending(self) -> list[str]:
+        return [str(r[0]) for r in await self._run("pending", _SHARD)]
 
     async def put_status(self, status: ErasureStatus) -> None:
         await self._run("put_status", status.user_id, _encoder.encode(status))

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS erased_users (user_id TEXT PRIMARY KEY, erased_at INT
 CREATE TABLE IF NOT EXISTS direct_events_by_author (
     author_id TEXT NOT NULL, created_at INTEGER NOT NULL, event_id TEXT NOT NULL,
     expires_at INTEGER NOT NULL, PRIMARY KEY (author_id, created_at, event_id));
+CREATE TABLE IF NOT EXISTS erasures_pending (user_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS erasures_by_user (user_id TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS deliveries_by_user ON deliveries_by_recipient (user_id, event_id);
 """
@@ -113,6 +114,15 @@ class SqlitePolicyStore:
     async def status(self, user_id: str) -> ErasureStatus | None:
         rows = await self._all("SELECT body FROM erasures_by_user WHERE user_id = ?", user_id)
         return _status.decode(rows[0][0]) if rows else None
+
+    async def set_pending(self, user_id: str, pending: bool) -> None:
+        if pending:
+            await self._exec("INSERT OR IGNORE INTO erasures_pending VALUES (?)", user_id)
+        else:
+            await self._exec("DELETE FROM erasures_pending WHERE user_id = ?", user_id)
+
+    async def pending(self) -> list[str]:
+        return [r[0] for r in await self._all("SELECT user_id FROM erasures_pending")]
 
     async def put_status(self, status: ErasureStatus) -> None:
         await self._exec("INSERT OR REPLACE INTO erasures_by_user VALUES (?, ?)",
