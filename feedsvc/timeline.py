@@ -21,7 +21,7 @@ import base64
 import binascii
 import hashlib
 import heapq
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -126,6 +126,64 @@ class Page:
     next_cursor: str | None = None
 
 
+class PageBuilder:
+    """The read merge's decisions, without I/O: fed the merged items newest first, it keeps
+    what the page shows and says when the page is complete.
+
+    Drops an item seen just before (the same event from the inbox and from a pull arrive
+    next to each other: same position), an item older than the retention (``since_ms``) and
+    an item whose object was already shown (on this page or, by the cursor's hashes, on an
+    earlier one). Once ``limit`` items are kept, the next acceptable item ends the page with
+    a cursor after the last kept one."""
+
+    __slots__ = ("_last_event", "_limit", "_seen", "_seen_order", "_since", "page")
+
+    def __init__(self, limit: int, since_ms: int, cursor: Cursor | None = None) -> None:
+        self._limit, self._since = limit, since_ms
+        self._seen_order: list[int] = list(cursor.objects) if cursor else []
+        self._seen = set(self._seen_order)
+        self._last_event: str | None = None
+        self.page = Page()
+
+    @property
+    def done(self) -> bool:
+        return self.page.next_cursor is not None
+
+    def offer(self, item: InboxItem, via: Via) -> bool:
+        """Consider the next item (no newer than the previous one); False once the page is
+        complete and nothing more is wanted."""
+        if self.done:
+            return False
+        if item.event_id == self._last_event or item.created_at < self._since:
+            return True
+        self._last_event = item.event_id
+        h = object_hash(item.object_id) if item.object_id is not None else None
+        if h is not None and h in self._seen:
+            return True
+        items = self.page.items
+        if len(items) == self._limit:
+            # There is at least one more item: the page ends here with a cursor.
+            tail = items[-1][0]
+            self.page.next_cursor = encode_cursor(Cursor(
+                tail.created_at, tail.event_id, tuple(self._seen_order[-MAX_CURSOR_OBJECTS:])))
+            return False
+        if h is not None:
+            self._seen.add(h)
+            self._seen_order.append(h)
+        items.append((item, via))
+        return True
+
+
+def build_page(items: Iterable[tuple[InboxItem, Via]], limit: int, since_ms: int,
+               cursor: Cursor | None = None) -> Page:
+    """``PageBuilder`` over an in-memory, already merged sequence."""
+    builder = PageBuilder(limit, since_ms, cursor)
+    for item, via in items:
+        if not builder.offer(item, via):
+            break
+    return builder.page
+
+
 async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | None) -> Page:
     store = rt.store
     since = rt.now_ms() - rt.settings.retention_ms
@@ -173,34 +231,12 @@ async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | Non
     ]
     sources += [(_paged(celebrity_fetch(a), start, batch), "pull") for a in celebrities]
 
-    seen_objects = list(cursor.objects) if cursor else []
-    seen_set = set(seen_objects)
-    page = Page()
-    last_event: str | None = None
+    builder = PageBuilder(limit, since, cursor)
     stream: Any = merge(sources)
     async for item, via in stream:
-        if item.event_id == last_event:
-            continue
-        if item.created_at < since:
-            continue
-        last_event = item.event_id
-        if item.object_id is not None:
-            h = object_hash(item.object_id)
-            if h in seen_set:
-                continue
-        if len(page.items) == limit:
-            # There is at least one more item: the page ends here with a cursor.
-            tail = page.items[-1][0]
-            page.next_cursor = encode_cursor(
-                Cursor(tail.created_at, tail.event_id, tuple(seen_objects[-MAX_CURSOR_OBJECTS:]))
-            )
+        if not builder.offer(item, via):
             break
-        if item.object_id is not None:
-            seen_set.add(h)
-            seen_objects.append(h)
-        page.items.append((item, via))
     await stream.aclose()
     for source, _ in sources:
         await source.aclose()  # type: ignore[attr-defined]
-    return page
-
+    return builder.page
