@@ -1,11 +1,16 @@
 """Read merge: one user's inbox page plus pulls of the celebrities they follow.
 
-``read_inbox`` costs one query for the reader's following list (when it holds at most
-1,000 authors; longer lists are checked with IN queries) alongside the set of pull authors
-(cached per process for ``FEEDSVC_PULL_SET_TTL``), then one inbox query and one query per
-followed celebrity (at most ``FEEDSVC_MAX_PULL_AUTHORS``, the most recently active first;
-past the cap the least recently active are left out of that read), issued concurrently.
-Further queries run only when filtering leaves a page short.
+``read_inbox`` reads the first inbox batch at once and, meanwhile, works out whom to pull:
+the set of pull authors and the reader's following list come from this process's caches
+(``feedsvc/readcache.py``) while their versions in ``Notices`` hold (one Redis round trip),
+else from the store (one following-list query when the reader follows at most 1,000
+authors; longer lists are checked with IN queries). Each followed celebrity (at most
+``FEEDSVC_MAX_PULL_AUTHORS``, the most recently active first) is read from this process's
+head of that author, and from the author's partition only past the head. A push reader's
+page is therefore one inbox query plus cached work. Further queries run only when
+filtering leaves a page short.
+
+What a page shows is decided by ``PageBuilder``, synchronous and free of I/O.
 
 Order is (created_at desc, event_id desc). Each item is emitted at most once: the same
 event from the inbox and from a pull is one item; items sharing a non-null ``object_id``
@@ -27,7 +32,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from feedsvc.errors import InvalidRequest
+from feedsvc.errors import InvalidRequest, RetryableError
 from feedsvc.model import InboxItem, Position
 from feedsvc.runtime import Runtime
 
@@ -188,14 +193,15 @@ async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | Non
     store = rt.store
     since = rt.now_ms() - rt.settings.retention_ms
     start = cursor.position if cursor else None
-
-    # Who the reader follows, in one query when the list is short (most readers): it
-    # answers both "which celebrities to pull" and "which inbox authors are unfollowed".
-    pulls, (following, more) = await asyncio.gather(
-        rt.pull_set.get(store, rt.settings.pull_set_ttl),
-        store.following_page(user_id, None, FOLLOWING_SET_MAX),
-    )
-    known: set[str] | None = set(following) if more is None else None
+    batch = limit + 1
+    # The inbox's first batch needs nothing else: read it while the rest is worked out.
+    first_rows = asyncio.ensure_future(store.read_inbox(user_id, start, batch))
+    try:
+        pulls, known = await _pulls_and_following(rt, user_id)
+    except BaseException:
+        first_rows.cancel()
+        await asyncio.gather(first_rows, return_exceptions=True)
+        raise
 
     async def followed(authors: list[str]) -> set[str]:
         if known is not None:
@@ -203,40 +209,103 @@ async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | Non
         return await store.following_subset(user_id, authors) if authors else set()
 
     candidates = [a for a in pulls if a != user_id]
-    celebrities = sorted(await followed(candidates), key=lambda a: (pulls[a], a), reverse=True)
+    try:
+        celebrities = sorted(await followed(candidates), key=lambda a: (pulls[a], a),
+                             reverse=True)
+    except BaseException:
+        first_rows.cancel()
+        await asyncio.gather(first_rows, return_exceptions=True)
+        raise
     celebrities = celebrities[: rt.settings.max_pull_authors]
 
     async def inbox_batch(
         position: Position | None, n: int
     ) -> tuple[list[InboxItem], Position | None]:
-        rows = await store.read_inbox(user_id, position, n)
+        rows = await (first_rows if position == start else store.read_inbox(user_id,
+                                                                            position, n))
         # Unfollowed authors leave the inbox at once: filter here, the unmerge job deletes.
         authors = {r.author_id for r in rows if not r.direct and r.author_id != user_id}
         kept = await followed(list(authors))
         visible = [r for r in rows if r.direct or r.author_id == user_id or r.author_id in kept]
         return visible, _continuation(rows, n)
 
-    def celebrity_fetch(author_id: str) -> Fetch:
-        async def fetch(
-            position: Position | None, n: int
-        ) -> tuple[list[InboxItem], Position | None]:
-            rows = await store.author_events(author_id, position, n, since)
-            return rows, _continuation(rows, n)
-
-        return fetch
-
-    batch = limit + 1
     sources: list[tuple[AsyncIterator[InboxItem], Via]] = [
         (_paged(inbox_batch, start, batch), "push")
     ]
-    sources += [(_paged(celebrity_fetch(a), start, batch), "pull") for a in celebrities]
+    sources += [(_celebrity(rt, a, start, batch, since), "pull") for a in celebrities]
 
     builder = PageBuilder(limit, since, cursor)
     stream: Any = merge(sources)
-    async for item, via in stream:
-        if not builder.offer(item, via):
-            break
-    await stream.aclose()
-    for source, _ in sources:
-        await source.aclose()  # type: ignore[attr-defined]
+    try:
+        async for item, via in stream:
+            if not builder.offer(item, via):
+                break
+    finally:
+        await stream.aclose()
+        for source, _ in sources:
+            await source.aclose()  # type: ignore[attr-defined]
+        if not first_rows.done():
+            first_rows.cancel()
+        await asyncio.gather(first_rows, return_exceptions=True)
     return builder.page
+
+
+async def _pulls_and_following(rt: Runtime, user_id: str
+                               ) -> tuple[dict[str, int], frozenset[str] | None]:
+    """The pull set and who the reader follows (None: more than ``FOLLOWING_SET_MAX``, checked
+    with queries instead). Both come from this process's caches while their versions hold;
+    without the versions (Redis unavailable) both are read from the store."""
+    settings, store = rt.settings, rt.store
+    try:
+        following_version, pull_version = await rt.notices.versions(user_id)
+    except RetryableError:
+        rt.reads.bypassed()
+        pulls, (following, more) = await asyncio.gather(
+            store.pull_authors(), store.following_page(user_id, None, FOLLOWING_SET_MAX))
+        return pulls, frozenset(following) if more is None else None
+    cached = (rt.reads.following(user_id, following_version)
+              if settings.following_ttl > 0 else False)
+    if cached is not False:
+        assert not isinstance(cached, bool)
+        return await rt.pull_set.get(store, settings.pull_set_ttl, pull_version), cached
+    # One query answers both "which celebrities to pull" and "which inbox authors are
+    # unfollowed" when the list is short (most readers).
+    pulls, (following, more) = await asyncio.gather(
+        rt.pull_set.get(store, settings.pull_set_ttl, pull_version),
+        store.following_page(user_id, None, FOLLOWING_SET_MAX))
+    known = frozenset(following) if more is None else None
+    if settings.following_ttl > 0:
+        rt.reads.keep_following(user_id, following_version, known, settings.following_ttl)
+    return pulls, known
+
+
+async def _celebrity(rt: Runtime, author_id: str, start: Position | None, batch: int,
+                     since: int) -> AsyncIterator[InboxItem]:
+    """A pull author's events older than ``start``, newest first: from this process's head
+    of the author as far as it goes, then from the author's partition."""
+    store = rt.store
+
+    async def fetch(position: Position | None, n: int
+                    ) -> tuple[list[InboxItem], Position | None]:
+        rows = await store.author_events(author_id, position, n, since)
+        return rows, _continuation(rows, n)
+
+    position = start
+    if rt.settings.head_ttl > 0:
+        head = await rt.reads.head(
+            author_id, lambda n: store.author_events(author_id, None, n, since),
+            rt.settings.head_ttl)
+        items = head.items
+        skip = 0
+        if start is not None:
+            while skip < len(items) and (items[skip].created_at, items[skip].event_id) >= (
+                    start.created_at, start.event_id):
+                skip += 1
+        if skip < len(items) or head.complete:
+            for item in items[skip:]:
+                yield item
+            if head.complete:
+                return
+            position = Position(items[-1].created_at, items[-1].event_id)
+    async for item in _paged(fetch, position, batch):
+        yield item

@@ -150,11 +150,25 @@ def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
     for method, path, handler, access in routes.ROUTES + recipients.ROUTES + delivery.ROUTES:
         app.router.add_route(method, path, handler)
         app[ACCESS].setdefault(path, {})[method] = access
+    app.cleanup_ctx.append(_notices_ctx(rt))
     if workers > 0:
         app.cleanup_ctx.append(_workers_ctx(rt, workers))
     if rt.settings.rate_limit_service or rt.settings.rate_limit_user:
         app.cleanup_ctx.append(_buckets_ctx(rt.settings))
     return app
+
+
+def _notices_ctx(rt: Runtime) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Other processes' notices (authors' posts) reach this process's read caches."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(rt.notices.listen())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
 
 
 def _buckets_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
