@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
@@ -218,20 +220,23 @@ def _workers_ctx(
     return ctx
 
 
-async def serve(settings: Settings, *, workers: int) -> None:
-    """Run the API (and optionally in-process workers) until cancelled. If the in-process
-    workers end on their own (they never should), the process ends with an error rather
-    than go on accepting events nobody fans out."""
+async def serve(settings: Settings, *, workers: int, sock: socket.socket | None = None
+                ) -> None:
+    """Run the API (and optionally in-process workers) until cancelled, listening on
+    ``sock`` when given (one of ``feedsvc api --processes``), else on the configured
+    address. If the in-process workers end on their own (they never should), the process
+    ends with an error rather than go on accepting events nobody fans out."""
     from feedsvc.api.server import GuardedAppRunner, Limits
 
     async with open_runtime(settings) as rt:
         app = init_app(rt, workers=workers)
         runner = GuardedAppRunner(app, Limits.of(settings), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site: web.BaseSite = (web.SockSite(runner, sock) if sock is not None
+                              else web.TCPSite(runner, settings.host, settings.port))
         await site.start()
         freeze_startup_heap()
-        log.info("feedsvc listening on http://%s:%d", settings.host, settings.port)
+        log.info("feedsvc listening on %s (pid %d)", site.name, os.getpid())
         try:
             await rt.health.ended.wait()
             raise FeedError(rt.health.failed or "in-process workers ended")
