@@ -232,8 +232,9 @@ async def bench_fanout(env: Env, rt: Runtime, workers: Sequence[int], events: in
         """Seconds for one round, and how busy the machine was meanwhile (percent)."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        api = (["api"], env.process_env(rt.settings, port))
-        worker_cmds = [(["worker", "--concurrency", "4"], env.process_env(rt.settings))
+        api = (["api", "--processes", "1"], env.process_env(rt.settings, port))
+        worker_cmds = [(["worker", "--processes", "1", "--concurrency", "4"],
+                        env.process_env(rt.settings))
                        for _ in range(count)]
         with processes([api, *worker_cmds]):
             await wait_http(f"{url}/healthz")
@@ -534,8 +535,9 @@ async def run(env: Env, quick: bool, out: Path, sections: set[str]) -> dict[str,
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        commands = [(["api"], env.process_env(settings, port)),
-                    (["worker", "--concurrency", "4"], env.process_env(settings))]
+        commands = [(["api", "--processes", "1"], env.process_env(settings, port)),
+                    (["worker", "--processes", "1", "--concurrency", "4"],
+                     env.process_env(settings))]
         samples = 5 if quick else 30
         with processes(commands):
             await wait_http(f"{url}/healthz")
