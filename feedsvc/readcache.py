@@ -123,14 +123,21 @@ class ReadCache:
 
     # --- heads ---------------------------------------------------------------------------
 
+    def cached_head(self, author_id: str) -> Head | None:
+        """The author's head if this process holds a fresh one (counted as a hit)."""
+        head = self._heads.get(author_id)
+        if head is None or head.expires <= self._clock():
+            return None
+        self._counts["head_hits"] += 1
+        self._heads.move_to_end(author_id)
+        return head
+
     async def head(self, author_id: str, load: Callable[[int], Awaitable[list[InboxItem]]],
                    ttl: float) -> Head:
         """The author's head: cached, or read by ``load(HEAD_EVENTS)`` once for every reader
         that asks while it is read."""
-        head = self._heads.get(author_id)
-        if head is not None and head.expires > self._clock():
-            self._counts["head_hits"] += 1
-            self._heads.move_to_end(author_id)
+        head = self.cached_head(author_id)
+        if head is not None:
             return head
         self._counts["head_misses"] += 1
         fill = self._fills.get(author_id)

@@ -34,6 +34,7 @@ import msgspec
 
 from feedsvc.errors import InvalidRequest, RetryableError
 from feedsvc.model import InboxItem, Position
+from feedsvc.readcache import Head
 from feedsvc.runtime import Runtime
 
 Via = Literal["push", "pull"]
@@ -109,10 +110,15 @@ class _Entry:
         return (a.created_at, a.event_id, other.source) > (b.created_at, b.event_id, self.source)
 
 
-async def merge(sources: list[tuple[AsyncIterator[InboxItem], Via]]
-                ) -> AsyncIterator[tuple[InboxItem, Via]]:
-    """K-way merge of newest-first sources (first fetches run concurrently)."""
-    firsts = await asyncio.gather(*(anext(it, None) for it, _ in sources))
+async def merge(sources: list[tuple[AsyncIterator[InboxItem], Via]], *,
+                concurrent: bool = True) -> AsyncIterator[tuple[InboxItem, Via]]:
+    """K-way merge of newest-first sources. The first fetches run concurrently, or, when
+    the caller knows they are in memory (``concurrent=False``), one after the other without
+    a task each."""
+    if concurrent:
+        firsts = await asyncio.gather(*(anext(it, None) for it, _ in sources))
+    else:
+        firsts = [await anext(it, None) for it, _ in sources]
     heap = [_Entry(item, i, sources[i][1]) for i, item in enumerate(firsts) if item is not None]
     heapq.heapify(heap)
     while heap:
@@ -232,10 +238,16 @@ async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | Non
     sources: list[tuple[AsyncIterator[InboxItem], Via]] = [
         (_paged(inbox_batch, start, batch), "push")
     ]
-    sources += [(_celebrity(rt, a, start, batch, since), "pull") for a in celebrities]
+    heads = await _heads(rt, celebrities, since) if rt.settings.head_ttl > 0 else {}
+    sources += [(_celebrity(rt, a, heads.get(a), start, batch, since), "pull")
+                for a in celebrities]
 
     builder = PageBuilder(limit, since, cursor)
-    stream: Any = merge(sources)
+    # With every celebrity's first item in a head, only the inbox's first batch is I/O (in
+    # flight already): no task per source.
+    in_heads = len(heads) == len(celebrities) and all(
+        _first_in_head(h, start) for h in heads.values())
+    stream: Any = merge(sources, concurrent=not in_heads)
     try:
         async for item, via in stream:
             if not builder.offer(item, via):
@@ -279,8 +291,40 @@ async def _pulls_and_following(rt: Runtime, user_id: str
     return pulls, known
 
 
-async def _celebrity(rt: Runtime, author_id: str, start: Position | None, batch: int,
-                     since: int) -> AsyncIterator[InboxItem]:
+async def _heads(rt: Runtime, authors: list[str], since: int) -> dict[str, Head]:
+    """This process's heads of ``authors``; the ones it lacks are read concurrently."""
+    reads, store = rt.reads, rt.store
+    heads: dict[str, Head] = {}
+    missing = []
+    for author_id in authors:
+        head = reads.cached_head(author_id)
+        if head is None:
+            missing.append(author_id)
+        else:
+            heads[author_id] = head
+
+    def loader(author_id: str) -> Callable[[int], Awaitable[list[InboxItem]]]:
+        return lambda n: store.author_events(author_id, None, n, since)
+
+    if missing:
+        filled = await asyncio.gather(*(reads.head(a, loader(a), rt.settings.head_ttl)
+                                        for a in missing))
+        heads.update(zip(missing, filled, strict=True))
+    return heads
+
+
+def _older(item: InboxItem, start: Position | None) -> bool:
+    return start is None or (item.created_at, item.event_id) < (start.created_at,
+                                                                 start.event_id)
+
+
+def _first_in_head(head: Head, start: Position | None) -> bool:
+    """Whether the head alone answers the source's first item (or that it has none)."""
+    return head.complete or bool(head.items and _older(head.items[-1], start))
+
+
+async def _celebrity(rt: Runtime, author_id: str, head: Head | None, start: Position | None,
+                     batch: int, since: int) -> AsyncIterator[InboxItem]:
     """A pull author's events older than ``start``, newest first: from this process's head
     of the author as far as it goes, then from the author's partition."""
     store = rt.store
@@ -291,21 +335,15 @@ async def _celebrity(rt: Runtime, author_id: str, start: Position | None, batch:
         return rows, _continuation(rows, n)
 
     position = start
-    if rt.settings.head_ttl > 0:
-        head = await rt.reads.head(
-            author_id, lambda n: store.author_events(author_id, None, n, since),
-            rt.settings.head_ttl)
+    if head is not None and _first_in_head(head, start):
         items = head.items
         skip = 0
-        if start is not None:
-            while skip < len(items) and (items[skip].created_at, items[skip].event_id) >= (
-                    start.created_at, start.event_id):
-                skip += 1
-        if skip < len(items) or head.complete:
-            for item in items[skip:]:
-                yield item
-            if head.complete:
-                return
-            position = Position(items[-1].created_at, items[-1].event_id)
+        while skip < len(items) and not _older(items[skip], start):
+            skip += 1
+        for item in items[skip:]:
+            yield item
+        if head.complete:
+            return
+        position = Position(items[-1].created_at, items[-1].event_id)
     async for item in _paged(fetch, position, batch):
         yield item

@@ -207,16 +207,23 @@ async def test_a_celebrity_post_is_read_on_every_process_within_a_second(fleet: 
     for via in ("a", "b"):
         for reader in readers:  # heads cached everywhere (TTL 10 minutes)
             assert await fleet.ids(via, reader) == [first]
+    async def first_read_showing(via: str, reader: str, event_id: str, at: float) -> float:
+        """Seconds from the 202 (``at``) to the sending of the first read that shows the
+        event (reads run back to back, so a busy machine's slow answers do not add up)."""
+        while True:
+            sent = time.monotonic()
+            body = await fleet.page(via, reader)
+            if body["items"] and body["items"][0]["event_id"] == event_id:
+                return sent - at
+            assert sent - at < 10, f"{event_id} not shown by {via} after 10 s"
+
     for n in range(3):
         accepted = await fleet.post("ab"[n % 2], celebrity)
         at = time.monotonic()
-        seen: set[str] = set()
-        while seen != {"a", "b"}:
-            for via in {"a", "b"} - seen:
-                body = await fleet.page(via, readers[n])
-                if body["items"] and body["items"][0]["event_id"] == accepted["event_id"]:
-                    seen.add(via)
-            assert time.monotonic() - at < 1.0, f"post {n}: only {seen} show it after 1 s"
+        delays = await asyncio.gather(*(first_read_showing(via, readers[n],
+                                                           accepted["event_id"], at)
+                                        for via in ("a", "b")))
+        assert max(delays) < 1.0, f"post {n}: shown after {delays} s"
 
 
 async def test_pages_across_processes_under_arrivals(fleet: Fleet) -> None:
