@@ -28,6 +28,9 @@ def markdown(result: dict[str, Any]) -> str:
     noop_rps = 0.0
     if "ceilings" in result:
         noop_rps = result["ceilings"]["aiohttp_noop"]["rps"]
+        wrk = result["ceilings"].get("aiohttp_noop_wrk")
+        if wrk and any(s.get("client") == "wrk" for s in result.get("strategies", [])):
+            noop_rps = wrk["rps"]  # reads measured by wrk are compared with wrk's no-op
         parts += _ceilings(result["ceilings"])
     if "fanout" in result:
         parts += _fanout(result["fanout"])
