@@ -196,18 +196,24 @@ def build_page(items: Iterable[tuple[InboxItem, Via]], limit: int, since_ms: int
 
 
 async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | None) -> Page:
+    start = cursor.position if cursor else None
+    # The inbox's first batch needs nothing else: read it while the rest is worked out.
+    first_rows = asyncio.ensure_future(rt.store.read_inbox(user_id, start, limit + 1))
+    try:
+        return await _merged_page(rt, user_id, limit, cursor, first_rows)
+    finally:
+        if not first_rows.done():
+            first_rows.cancel()
+        await asyncio.gather(first_rows, return_exceptions=True)
+
+
+async def _merged_page(rt: Runtime, user_id: str, limit: int, cursor: Cursor | None,
+                       first_rows: Awaitable[list[InboxItem]]) -> Page:
     store = rt.store
     since = rt.now_ms() - rt.settings.retention_ms
     start = cursor.position if cursor else None
     batch = limit + 1
-    # The inbox's first batch needs nothing else: read it while the rest is worked out.
-    first_rows = asyncio.ensure_future(store.read_inbox(user_id, start, batch))
-    try:
-        pulls, known = await _pulls_and_following(rt, user_id)
-    except BaseException:
-        first_rows.cancel()
-        await asyncio.gather(first_rows, return_exceptions=True)
-        raise
+    pulls, known = await _pulls_and_following(rt, user_id)
 
     async def followed(authors: list[str]) -> set[str]:
         if known is not None:
@@ -215,14 +221,8 @@ async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | Non
         return await store.following_subset(user_id, authors) if authors else set()
 
     candidates = [a for a in pulls if a != user_id]
-    try:
-        celebrities = sorted(await followed(candidates), key=lambda a: (pulls[a], a),
-                             reverse=True)
-    except BaseException:
-        first_rows.cancel()
-        await asyncio.gather(first_rows, return_exceptions=True)
-        raise
-    celebrities = celebrities[: rt.settings.max_pull_authors]
+    celebrities = sorted(await followed(candidates), key=lambda a: (pulls[a], a),
+                         reverse=True)[: rt.settings.max_pull_authors]
 
     async def inbox_batch(
         position: Position | None, n: int
@@ -256,9 +256,6 @@ async def read_inbox(rt: Runtime, user_id: str, limit: int, cursor: Cursor | Non
         await stream.aclose()
         for source, _ in sources:
             await source.aclose()  # type: ignore[attr-defined]
-        if not first_rows.done():
-            first_rows.cancel()
-        await asyncio.gather(first_rows, return_exceptions=True)
     return builder.page
 
 
