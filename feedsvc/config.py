@@ -209,6 +209,13 @@ _VARS: tuple[_Var, ...] = (
          "celebrities pulled per inbox read (default 100)"),
     _Var("pull_set_ttl", "FEEDSVC_PULL_SET_TTL", parse_duration,
          "how long a process reuses the set of pull authors (default 1s; 0 = every read)"),
+    # --- read caches (feedsvc/readcache.py) ---
+    _Var("head_ttl", "FEEDSVC_HEAD_TTL", parse_duration,
+         "longest a process keeps a celebrity's newest events when no post notice comes "
+         "(default 5s; 0 = no head cache)"),
+    _Var("following_ttl", "FEEDSVC_FOLLOWING_TTL", parse_duration,
+         "longest a process keeps a reader's following list; changes are seen at once "
+         "whatever this is (default 60s; 0 = no cache)"),
     _Var("fanout_concurrency", "FEEDSVC_FANOUT_CONCURRENCY", _positive_int,
          "inbox write batches in flight per process (default 32)"),
     _Var("inbox_trim_every", "FEEDSVC_INBOX_TRIM_EVERY", _non_negative_int,
@@ -295,6 +302,9 @@ class Settings:
     serial_consistency: str = "LOCAL_SERIAL"
     max_pull_authors: int = 100
     pull_set_ttl: float = 1.0
+    # --- read caches ---
+    head_ttl: float = 5.0
+    following_ttl: float = 60.0
     fanout_concurrency: int = 32
     # One inbox write in N checks the cap (0: inbox_max // 2).
     inbox_trim_every: int = 0

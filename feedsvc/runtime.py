@@ -21,22 +21,26 @@ from feedsvc.delivery.recipients import Recipients
 from feedsvc.delivery.state import DeliveryState
 from feedsvc.errors import Unprocessable
 from feedsvc.queue.base import Queue
+from feedsvc.readcache import LocalNotices, Notices, ReadCache
 from feedsvc.store.base import BackendStore, Outbox, Store
 from feedsvc.store.policy import PolicyState
 
 
 class PullSetCache:
-    """The set of pull authors, reused for ``ttl`` seconds by this process's reads."""
+    """The set of pull authors, reused for ``ttl`` seconds by this process's reads while
+    its ``version`` (``Notices.versions``: replaced when an author changes mode) holds."""
 
     def __init__(self) -> None:
         self.value: dict[str, int] = {}
         self.expires = 0.0
+        self.version: str | None = None
 
-    async def get(self, store: Store, ttl: float) -> dict[str, int]:
+    async def get(self, store: Store, ttl: float, version: str | None = None) -> dict[str, int]:
         now = time.monotonic()
-        if ttl <= 0 or now >= self.expires:
+        if ttl <= 0 or now >= self.expires or version != self.version:
             self.value = await store.pull_authors()
             self.expires = now + ttl
+            self.version = version
         return self.value
 
 
@@ -110,6 +114,12 @@ class Runtime:
     pull_set: PullSetCache = field(default_factory=PullSetCache)
     erased: ErasedCache = field(default_factory=ErasedCache)
     health: WorkerHealth = field(default_factory=lambda: WorkerHealth())
+    # Read caches of this process and the notices that keep them fresh (feedsvc/readcache.py).
+    notices: Notices = field(default_factory=LocalNotices)
+    reads: ReadCache = field(default_factory=ReadCache)
+
+    def __post_init__(self) -> None:
+        self.notices.subscribe(self.reads)
 
     @property
     def outbox(self) -> Outbox:
@@ -212,6 +222,17 @@ async def open_policy(store: BackendStore) -> PolicyState:
     return PolicyState(ports, ports, ports, ports)
 
 
+def open_notices(queue: Queue) -> Notices:
+    """Read-cache notices beside ``queue``: in Redis for every process, else in-process."""
+    from feedsvc.queue.redis import RedisQueue
+
+    if isinstance(queue, RedisQueue):
+        from feedsvc.queue.notices_redis import RedisNotices
+
+        return RedisNotices(queue)
+    return LocalNotices()
+
+
 async def open_queue(settings: Settings) -> Queue:
     if settings.embedded:
         from feedsvc.queue.embedded import EmbeddedQueue
@@ -241,7 +262,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         try:
             delivery = await open_delivery(store, queue)
             yield Runtime(settings, store, queue, recipients=recipients,
-                          delivery=delivery, policy=await open_policy(store))
+                          delivery=delivery, policy=await open_policy(store),
+                          notices=open_notices(queue))
         finally:
             await queue.close()
     finally:
