@@ -17,7 +17,7 @@ help:
 	@echo "make services-cluster-stop  stop it"
 	@echo "make test-cluster           start the cluster; store, queue, API and crash suites on it"
 	@echo "make fuzz           schemathesis, 1,000 examples per operation, both backends"
-	@echo "make chaos          worker, Redis, Cassandra and API faults under load (kills local servers)"
+	@echo "make chaos          worker, Redis, Cassandra and API faults under load (kills local servers),\n                   then 2,000 recipients notified while providers fail and workers die"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,17 +82,19 @@ WITH_SERVICES = set -e; \
 	fi
 
 bench: venv
-	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench
+	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench; $(BIN)/python -m loadtest.bench_delivery
 
 bench-quick: venv
-	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --quick
+	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --quick; \
+	$(BIN)/python -m loadtest.bench_delivery --followers 2000 --audience 100000
 
 load: venv
 	@$(WITH_SERVICES); $(BIN)/python -m loadtest.bench --only locust
 
 # Kills and pauses the local Redis and Cassandra: run on purpose, not beside other work.
 chaos: venv
-	@$(WITH_SERVICES); $(BIN)/python -m loadtest.chaos $(CHAOS_ARGS)
+	@$(WITH_SERVICES); $(BIN)/python -m loadtest.chaos $(CHAOS_ARGS); \
+	$(BIN)/python -m loadtest.chaos_delivery
 
 # schemathesis against the running service, every check and phase, seeded, with a service
 # key and a user token, on the embedded and the Cassandra + Redis backends; prints the counts.

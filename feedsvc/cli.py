@@ -62,11 +62,55 @@ def cmd_serve(settings: Settings, args: argparse.Namespace, *, workers: int) -> 
 
         return _run(with_demo())
 
+    processes = getattr(args, "processes", None) or 1
+    if processes > 1:
+        return _api_processes(settings, processes)
+
     async def main() -> int:
         await serve(settings, workers=workers)
         return 0
 
     return _run(main())
+
+
+def _api_processes(settings: Settings, processes: int) -> int:
+    """``feedsvc api --processes N``: N API processes on one port (SO_REUSEPORT)."""
+    from feedsvc.api.app import serve
+    from feedsvc.supervise import reuse_port_sockets, run_children
+
+    sockets = reuse_port_sockets(settings.host, settings.port, processes)
+    port = sockets[0].getsockname()[1]
+    log.info("feedsvc API: %d processes on http://%s:%d", processes, settings.host, port)
+
+    def child(index: int) -> int:
+        for i, other in enumerate(sockets):
+            if i != index:
+                other.close()
+
+        async def main() -> int:
+            await serve(settings, workers=0, sock=sockets[index])
+            return 0
+
+        return _run(main())
+
+    try:
+        return run_children(processes, child)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _processes(settings: Settings, args: argparse.Namespace) -> int:
+    """``--processes`` resolved: one per core unless given; the embedded backend's files
+    take one process."""
+    from feedsvc.supervise import default_processes
+
+    if settings.embedded:
+        if args.processes not in (None, 1):
+            raise ConfigError("--processes: the embedded backend runs in one process "
+                              "(set FEEDSVC_CASSANDRA_HOSTS and FEEDSVC_REDIS_URL for more)")
+        return 1
+    return int(args.processes or default_processes())
 
 
 async def _seed_demo(settings: Settings) -> None:
@@ -131,6 +175,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     unknown = [q for q in queues if q not in QUEUES]
     if unknown or not queues:
         raise ConfigError(f"--queues takes a comma list of {', '.join(QUEUES)}")
+    processes = _processes(settings, args)
+    if processes > 1:
+        from feedsvc.supervise import run_children
+
+        args.processes = 1
+        return run_children(processes, lambda index: cmd_worker(settings, args))
+
     providers = open_providers(settings)
     if set(queues) - {"fanout"}:
         providers.warn_unconfigured()
@@ -142,7 +193,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
                 stop = asyncio.Event()
                 try:
                     done = await run_workers(rt, args.concurrency, stop, burst=args.burst,
-                                             queues=queues, providers=providers)
+                                             queues=queues, providers=providers,
+                                             senders=args.senders)
                 finally:
                     stop.set()
                 log.info("worker processed %d entries", done)
@@ -263,10 +315,22 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     return _run(main())
 
 
+def _set_processes(settings: Settings, args: argparse.Namespace) -> argparse.Namespace:
+    args.processes = _processes(settings, args)
+    return args
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -293,14 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seed a small demo graph, use dev credentials if none are set, "
                               "and print ready-to-paste curl commands")
     api_p = command("api", "the HTTP API only (run `feedsvc worker` separately)",
-                    lambda s, a: cmd_serve(s, a, workers=0))
+                    lambda s, a: cmd_serve(s, _set_processes(s, a), workers=0))
     api_p.set_defaults(demo=False)
+    api_p.add_argument("--processes", type=_positive, default=None,
+                       help="API processes sharing the port (default: one per core; the "
+                            "embedded backend: 1)")
     worker_p = command("worker", "fan-out and delivery workers", cmd_worker)
     worker_p.add_argument("--concurrency", type=_positive, default=4)
+    worker_p.add_argument("--senders", type=_count, default=16,
+                          help="more consumers for the push/sms/email queues only (a send "
+                               "mostly waits on its provider); 0 for none")
     worker_p.add_argument("--queues", default="fanout,push,sms,email",
                           help="the queues these consumers serve (default: all of them)")
     worker_p.add_argument("--burst", action="store_true",
                           help="drain the queue, then exit")
+    worker_p.add_argument("--processes", type=_positive, default=None,
+                          help="worker processes, each with --concurrency consumers "
+                               "(default: one per core; the embedded backend: 1)")
     command("migrate", "apply cql/NNN_*.cql to the keyspace", cmd_migrate,
             ["cassandra_hosts", "keyspace", "replication", "redis_url"])
     seed_p = command("seed", "synthetic follow graph with power-law follower counts", cmd_seed)

@@ -79,6 +79,19 @@ def _channels(text: str) -> tuple[str, ...]:
     return channels
 
 
+def _webhook_secrets(text: str) -> tuple[tuple[str, str], ...]:
+    """``email=whsec_...,fcm=whsec_...``: one Standard Webhooks secret per provider name."""
+    out: list[tuple[str, str]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, secret = part.partition("=")
+        if not sep or not re.fullmatch(r"[a-z0-9_-]{1,32}", name):
+            raise ValueError("use provider=whsec_<base64>,... (provider: 1-32 of a-z 0-9 _ -)")
+        if not re.fullmatch(r"whsec_[A-Za-z0-9+/]+={0,2}", secret) or len(secret) < 30:
+            raise ValueError(f"the secret of {name} must be whsec_ and base64 (16+ bytes)")
+        out.append((name, secret))
+    return tuple(out)
+
+
 def _hosts(text: str) -> tuple[str, ...]:
     hosts = tuple(h.strip() for h in text.split(",") if h.strip())
     for host in hosts:
@@ -204,6 +217,13 @@ _VARS: tuple[_Var, ...] = (
          "celebrities pulled per inbox read (default 100)"),
     _Var("pull_set_ttl", "FEEDSVC_PULL_SET_TTL", parse_duration,
          "how long a process reuses the set of pull authors (default 1s; 0 = every read)"),
+    # --- read caches (feedsvc/readcache.py) ---
+    _Var("head_ttl", "FEEDSVC_HEAD_TTL", parse_duration,
+         "longest a process keeps a celebrity's newest events when no post notice comes "
+         "(default 5s; 0 = no head cache)"),
+    _Var("following_ttl", "FEEDSVC_FOLLOWING_TTL", parse_duration,
+         "longest a process keeps a reader's following list; changes are seen at once "
+         "whatever this is (default 60s; 0 = no cache)"),
     _Var("fanout_concurrency", "FEEDSVC_FANOUT_CONCURRENCY", _positive_int,
          "inbox write batches in flight per process (default 32)"),
     _Var("inbox_trim_every", "FEEDSVC_INBOX_TRIM_EVERY", _non_negative_int,
@@ -254,6 +274,12 @@ _VARS: tuple[_Var, ...] = (
          "timeout of one provider call (default 10s)"),
     _Var("delivery_max_attempts", "FEEDSVC_DELIVERY_MAX_ATTEMPTS", _positive_int,
          "provider calls per delivery before it is dead-lettered (default 8)"),
+    # Provider status webhooks (feedsvc/delivery/status.py).
+    _Var("public_url", "FEEDSVC_PUBLIC_URL", _http_url,
+         "the service's URL as providers call it (https://feed.example.com), for Twilio "
+         "signatures behind a proxy (default: the URL the request arrived at)"),
+    _Var("webhook_secrets", "FEEDSVC_WEBHOOK_SECRETS", _webhook_secrets,
+         "Standard Webhooks secrets of status callbacks: provider=whsec_...,..."),
     # Delivery policy (feedsvc/delivery/policy.py, breaker.py).
     _Var("notify_rate", "FEEDSVC_NOTIFY_RATE", parse_notify_rate,
          "deliveries per recipient and channel per window; more roll into a digest "
@@ -296,6 +322,9 @@ class Settings:
     serial_consistency: str = "LOCAL_SERIAL"
     max_pull_authors: int = 100
     pull_set_ttl: float = 1.0
+    # --- read caches ---
+    head_ttl: float = 5.0
+    following_ttl: float = 60.0
     fanout_concurrency: int = 32
     # One inbox write in N checks the cap (0: inbox_max // 2).
     inbox_trim_every: int = 0
@@ -327,6 +356,9 @@ class Settings:
     console_channels: tuple[str, ...] = ()
     provider_timeout: float = 10.0
     delivery_max_attempts: int = 8
+    # Provider status webhooks.
+    public_url: str | None = None
+    webhook_secrets: tuple[tuple[str, str], ...] = ()
     # Delivery policy.
     notify_rate: Mapping[str, Rate] = field(default_factory=lambda: dict(DEFAULT_NOTIFY_RATE),
                                             hash=False)

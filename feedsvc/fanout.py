@@ -84,6 +84,9 @@ async def write_author_partition(rt: Runtime, event: Event, ttl: int) -> None:
     event the author in the pull set for as long as the event is retained (it may be
     dated a little into the future). Upserts: intake and the worker both write them."""
     if event.route == "direct":
+        # Indexed under its author only so that an erasure can find it (feedsvc/erasure.py).
+        await rt.policy.erasures.index_direct(event.author_id, event.created_at,
+                                              event.event_id, ttl)
         return
     await rt.store.put_author_event(InboxItem.of(event), ttl)
     if event.route == "pull":

@@ -1,8 +1,9 @@
 """Follow graph: follow/unfollow, reach counts, the author's routing mode.
 
 Called by the API (``PUT/DELETE /v1/users/{u}/following/{a}``, ``POST /v1/follows/bulk``).
-A follow change is in effect when these return: the edge and counts are written and the
-author's mode is re-evaluated. Proportional work goes to the queue: a backfill of a push
+A follow change is in effect when these return: the edge and counts are written, the
+user's cached following lists are stale in every API process (``Notices``) and the author's
+mode is re-evaluated. Proportional work goes to the queue: a backfill of a push
 author's recent events for a new follower, and removal of an unfollowed author's rows.
 """
 
@@ -39,6 +40,7 @@ async def refresh_mode(rt: Runtime, author_id: str) -> Mode:
             # New followers get no backfill from here on: readers must pull this author's
             # retained events at once, before its first pull-routed event.
             await rt.store.touch_pull_author(author_id, rt.settings.retention_ms // 1000)
+        await rt.notices.pull_set_changed()  # readers' cached pull sets are stale now
     return mode
 
 
@@ -58,7 +60,10 @@ async def _enqueue_pairs(rt: Runtime, task: type[BackfillTask | UnmergeTask],
 
 async def follow(rt: Runtime, user_id: str, author_id: str) -> bool:
     _check_pair(user_id, author_id)
+    await rt.erased.refuse(rt, user_id, author_id)
     changed = await rt.store.follow(user_id, author_id)
+    # Even when unchanged: a retry after a failed notice must still make it.
+    await rt.notices.following_changed([user_id])
     mode = await refresh_mode(rt, author_id)
     if changed and mode == "push":
         await _enqueue_pairs(rt, BackfillTask, [(user_id, author_id)])
@@ -69,6 +74,8 @@ async def unfollow(rt: Runtime, user_id: str, author_id: str) -> bool:
     if user_id == author_id:
         return False  # never followed: unfollowing is idempotent, so this is done already
     changed = await rt.store.unfollow(user_id, author_id)
+    # Before the answer: the user's next read, on any process, no longer shows the author.
+    await rt.notices.following_changed([user_id])
     await refresh_mode(rt, author_id)
     if changed:
         await _enqueue_pairs(rt, UnmergeTask, [(user_id, author_id)])
@@ -91,7 +98,13 @@ async def follow_many(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> int:
     """Apply many follows; returns how many edges were new."""
     for user_id, author_id in pairs:
         _check_pair(user_id, author_id)
+    erased = await rt.erased.get(rt)
+    for i, (user_id, author_id) in enumerate(pairs):
+        if user_id in erased or author_id in erased:
+            raise Unprocessable("a follow names an erased user", code="user_erased",
+                                field=f"follows[{i}]")
     changed = await add_edges(rt, pairs)
+    await rt.notices.following_changed([user_id for user_id, _ in pairs])
     modes: dict[str, Mode] = {}
     for author_id in dict.fromkeys(a for _, a in pairs):
         modes[author_id] = await refresh_mode(rt, author_id)

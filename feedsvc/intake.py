@@ -224,6 +224,10 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
     now = rt.now_ms()
     incoming, body_hash = parse_body(raw)
     created_at = validate(incoming, now, rt.settings.retention_ms)
+    erased = await rt.erased.get(rt)
+    if incoming.author_id in erased:
+        raise Unprocessable(f"user {incoming.author_id!r} was erased", code="user_erased",
+                            field="author_id")
     route: Route
     if incoming.audience is not None:
         route = "direct"
@@ -240,7 +244,9 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
         # Taken now, after the reads above: the outbox row lands in the bucket of this
         # moment, which the sweeper's checkpoint has not passed (feedsvc/sweeper.py).
         accepted_at=rt.now_ms(), body_hash=body_hash, object_id=incoming.object_id,
-        audience=list(dict.fromkeys(incoming.audience.users)) if incoming.audience else None,
+        # Erased users are left out of a direct audience (feedsvc/erasure.py).
+        audience=[u for u in dict.fromkeys(incoming.audience.users) if u not in erased]
+        if incoming.audience else None,
         notify=incoming.notify,
     )
     ttl = rt.ttl_left_s(created_at, now)
@@ -280,6 +286,12 @@ async def publish(rt: Runtime, event: Event) -> None:
         await write_author_partition(rt, event, ttl)
     except RetryableError as exc:
         log.warning("event %s: author partition left to the worker: %s", event.event_id, exc)
+    if event.route == "pull":
+        try:  # readers' cached heads of the author are stale now, in every API process
+            await rt.notices.author_posted(event.author_id)
+        except RetryableError as exc:
+            log.warning("event %s: readers see it when their cached heads expire "
+                        "(FEEDSVC_HEAD_TTL): %s", event.event_id, exc)
     try:
         await rt.queue.enqueue(event.priority, Envelope(FanoutTask(event), rt.now_ms()))
         await rt.outbox.mark_queued(event.event_id, event.accepted_at, rt.now_ms(), ttl)

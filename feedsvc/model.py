@@ -251,8 +251,16 @@ class EscalateTask(msgspec.Struct, tag="escalate", frozen=True):
     locale: str = "en"
 
 
-Task = (FanoutTask | BackfillTask | UnmergeTask | NotifyTask | ChannelTask | DigestTask
-        | EscalateTask)
+class EraseTask(msgspec.Struct, tag="erase", frozen=True):
+    """One step of erasing a user (``feedsvc/erasure.py``): a batch of ``step``, then the
+    task of the next batch is queued."""
+
+    user_id: str
+    step: str
+
+
+Task = (FanoutTask | BackfillTask | UnmergeTask | NotifyTask | ChannelTask | EraseTask
+        | DigestTask | EscalateTask)
 
 
 class Envelope(msgspec.Struct, frozen=True):

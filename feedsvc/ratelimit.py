@@ -22,10 +22,12 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
+
+from feedsvc.queue.redis import cluster_client
 
 log = logging.getLogger(__name__)
 
@@ -140,22 +142,24 @@ return {allowed, math.floor(level), math.ceil((capacity - level) / per_ms), retr
 class RedisBuckets:
     """Buckets in Redis, shared by every API process (its own client)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: Any, prefix: str) -> None:  # Redis, or RedisCluster
         self.redis, self.prefix = client, prefix
         self._script = client.register_script(_TAKE)
         self._warned_at = -math.inf
 
     @classmethod
-    def open(cls, url: str, prefix: str) -> RedisBuckets:
-        return cls(aioredis.Redis.from_url(url, socket_timeout=1.0,
-                                           socket_connect_timeout=1.0), prefix)
+    def open(cls, url: str, prefix: str, *, cluster: bool = False) -> RedisBuckets:
+        options: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+        # A plain client on one node of a Redis Cluster is answered MOVED for most keys.
+        return cls(cluster_client(url, **options) if cluster
+                   else aioredis.Redis.from_url(url, **options), prefix)
 
     async def take(self, key: str, rate: Rate) -> Decision:
         try:
             allowed, remaining, reset_ms, retry_ms = await self._script(
                 keys=[f"{self.prefix}:ratelimit:{key}"],
                 args=[rate.tokens, int(rate.period_s * 1000)])
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             if time.monotonic() - self._warned_at > 60:
                 self._warned_at = time.monotonic()
                 log.warning("rate limits not applied: Redis does not answer (%s)", exc)

@@ -20,23 +20,58 @@ from feedsvc.config import Settings
 from feedsvc.delivery.breaker import BreakerConfig, Breakers
 from feedsvc.delivery.recipients import Recipients
 from feedsvc.delivery.state import DeliveryState
+from feedsvc.errors import Unprocessable
 from feedsvc.queue.base import Queue
+from feedsvc.readcache import LocalNotices, Notices, ReadCache
 from feedsvc.store.base import BackendStore, Outbox, Store
+from feedsvc.store.policy import PolicyState
 
 
 class PullSetCache:
-    """The set of pull authors, reused for ``ttl`` seconds by this process's reads."""
+    """The set of pull authors, reused for ``ttl`` seconds by this process's reads while
+    its ``version`` (``Notices.versions``: replaced when an author changes mode) holds."""
+
+    def __init__(self) -> None:
+        self.value: dict[str, int] = {}
+        self.expires = 0.0
+        self.version: str | None = None
+
+    async def get(self, store: Store, ttl: float, version: str | None = None) -> dict[str, int]:
+        now = time.monotonic()
+        if ttl <= 0 or now >= self.expires or version != self.version:
+            self.value = await store.pull_authors()
+            self.expires = now + ttl
+            self.version = version
+        return self.value
+
+
+class ErasedCache:
+    """The erased users (``feedsvc/erasure.py``), reused for ``ERASED_TTL_S`` by this
+    process; an erasure made here is seen here at once, elsewhere within that time."""
+
+    ERASED_TTL_S = 1.0
 
     def __init__(self) -> None:
         self.value: dict[str, int] = {}
         self.expires = 0.0
 
-    async def get(self, store: Store, ttl: float) -> dict[str, int]:
+    async def get(self, rt: Runtime) -> dict[str, int]:
         now = time.monotonic()
-        if ttl <= 0 or now >= self.expires:
-            self.value = await store.pull_authors()
-            self.expires = now + ttl
+        if now >= self.expires:
+            self.value = await rt.policy.erasures.erased()
+            self.expires = now + self.ERASED_TTL_S
         return self.value
+
+    def add(self, user_id: str, erased_at: int) -> None:
+        self.value = {**self.value, user_id: erased_at}
+
+    async def refuse(self, rt: Runtime, *user_ids: str) -> None:
+        """422 ``user_erased`` naming the first erased user among ``user_ids``."""
+        erased = await self.get(rt)
+        for user_id in user_ids:
+            if user_id in erased:
+                raise Unprocessable(f"user {user_id!r} was erased", code="user_erased",
+                                    field="user_id")
 
 
 class WorkerHealth:
@@ -75,14 +110,21 @@ class Runtime:
     queue: Queue
     recipients: Recipients  # delivery: devices, contacts, preferences
     delivery: DeliveryState  # delivery: templates, the delivery log, send-once claims
+    # provider message ids, seen webhooks, inbox read marks, erasure (feedsvc/store/policy.py)
+    policy: PolicyState
     pull_set: PullSetCache = field(default_factory=PullSetCache)
+    erased: ErasedCache = field(default_factory=ErasedCache)
     health: WorkerHealth = field(default_factory=lambda: WorkerHealth())
+    # Read caches of this process and the notices that keep them fresh (feedsvc/readcache.py).
+    notices: Notices = field(default_factory=LocalNotices)
+    reads: ReadCache = field(default_factory=ReadCache)
     # Epoch ms. Tests pass a fake clock (``tests/clock.py``); every timestamp the runtime
     # writes and every policy decision (quiet hours, rate windows, breakers) reads it.
     clock: Callable[[], int] = now_ms
     breakers: Breakers = field(default_factory=Breakers)  # this process's, per provider
 
     def __post_init__(self) -> None:
+        self.notices.subscribe(self.reads)
         s = self.settings
         self.breakers.config = BreakerConfig(s.breaker_failures, s.breaker_ratio,
                                              s.breaker_window, s.breaker_cooldown)
@@ -176,6 +218,36 @@ async def open_recipients(store: BackendStore) -> Recipients:
     return await SqliteRecipients.open(store)
 
 
+async def open_policy(store: BackendStore) -> PolicyState:
+    """Provider ids, seen webhooks, read marks and erasures, on the same file or session
+    as ``store`` (after ``open_delivery``: the embedded file indexes the delivery log)."""
+    from feedsvc.store.cassandra import CassandraStore
+
+    ports: Any
+    if isinstance(store, CassandraStore):
+        from feedsvc.store.policy_cassandra import CassandraPolicyStore
+
+        ports = await CassandraPolicyStore.open(store)
+    else:
+        from feedsvc.store.policy_sqlite import SqlitePolicyStore
+        from feedsvc.store.sqlite import SqliteStore
+
+        assert isinstance(store, SqliteStore)
+        ports = await SqlitePolicyStore.open(store)
+    return PolicyState(ports, ports, ports, ports)
+
+
+def open_notices(queue: Queue) -> Notices:
+    """Read-cache notices beside ``queue``: in Redis for every process, else in-process."""
+    from feedsvc.queue.redis import RedisQueue
+
+    if isinstance(queue, RedisQueue):
+        from feedsvc.queue.notices_redis import RedisNotices
+
+        return RedisNotices(queue)
+    return LocalNotices()
+
+
 async def open_queue(settings: Settings) -> Queue:
     if settings.embedded:
         from feedsvc.queue.embedded import EmbeddedQueue
@@ -205,7 +277,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         try:
             delivery = await open_delivery(store, queue)
             yield Runtime(settings, store, queue, recipients=recipients,
-                          delivery=delivery)
+                          delivery=delivery, policy=await open_policy(store),
+                          notices=open_notices(queue))
         finally:
             await queue.close()
     finally:

@@ -35,6 +35,7 @@ from typing import Literal
 
 import msgspec
 
+from feedsvc import erasure
 from feedsvc.errors import RetryableError
 from feedsvc.model import PRIORITIES, Envelope, Event, FanoutTask, Priority
 from feedsvc.runtime import Runtime
@@ -52,6 +53,7 @@ QUEUE_CLOCK_SKEW_MS = 5_000  # how far the queue's clock may be from the API's
 CHECKPOINT_MARGIN_MS = 60_000
 CONSUMERS_GONE_S = 600.0  # consumers idle this long, holding nothing, leave the group
 PRUNE_EVERY_S = 60.0
+ERASURES_EVERY_S = 30.0  # how often stalled erasure jobs are looked for
 EVENT_READS = 32  # event reads in flight per pass
 
 Verdict = Literal["done", "settle", "wait", "shed", "requeue"]
@@ -92,6 +94,7 @@ class Sweeper:
         self.holder = holder
         self._resume: int | None = None  # where a pass cut short by BUCKETS_PER_PASS goes on
         self._last_prune = 0.0
+        self._last_erasures = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep every ``sweep_after / 3`` until ``stop``; a dependency outage is logged
@@ -106,6 +109,7 @@ class Sweeper:
                         log.warning("outbox sweep: %d events queued again, %d shed",
                                     stats.requeued, stats.shed)
                     await self._prune()
+                    await self._resume_erasures()
                 if failing:
                     log.info("outbox sweeper resumed")
                 failing = False
@@ -117,6 +121,17 @@ class Sweeper:
                 log.exception("outbox sweep failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
+
+    async def _resume_erasures(self) -> None:
+        """Every ``ERASURES_EVERY_S``: queue again the erasure jobs that stopped moving
+        (``feedsvc/erasure.py``)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_erasures < ERASURES_EVERY_S:
+            return
+        self._last_erasures = loop.time()
+        resumed = await erasure.resume_stalled(self.rt)
+        if resumed:
+            log.warning("%d erasure jobs had stopped; queued again", resumed)
 
     async def _prune(self) -> None:
         loop = asyncio.get_running_loop()

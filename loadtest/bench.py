@@ -4,12 +4,15 @@
 Every figure is measured in the same run as this machine's ceilings (``loadtest.ceilings``)
 and printed as a ratio to them, so the ratios hold on any machine:
 
-1. ceilings: raw Cassandra insert rate (best driver pattern), Redis XADD / SET NX, a no-op
-   aiohttp handler under the same HTTP load generator;
+1. ceilings: raw Cassandra insert rate (best driver pattern), raw inbox-slice read rate,
+   Redis XADD / SET NX / MGET, a no-op aiohttp handler under the harness's HTTP load
+   generator and under wrk;
 2. fan-out throughput end to end (events posted over HTTP, 1, 2 and 4 worker processes);
 3. delivery latency: 202 of ``POST /v1/events`` -> the event readable in the inbox of the
    last follower, for authors with 10, 1,000 and 9,999 followers, idle and under load;
-4. strategies on the same graph and events: hybrid, pure push, pure pull;
+4. strategies on the same graph and events: hybrid, pure push, pure pull; reads per reader
+   group with ``feedsvc api --processes`` 1 and 2 (wrk), the raw read ceiling on the push
+   readers' inboxes, and the read targets as ratios (``read_ratios``);
 5. locust, the mixed workload (``loadtest/locustfile.py``), on a power-law graph.
 
 Results go to ``loadtest/results/`` (JSON, markdown, PNG charts). Needs Cassandra and Redis
@@ -49,6 +52,7 @@ from loadtest.ceilings import busy_pct, free_port, machine_cpu, settle
 from loadtest.graphload import load_edges
 from loadtest.httpload import RequestPlan, percentile, run_load_in_process
 from loadtest.report import write_report
+from loadtest.wrk import run_wrk, wrk_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_KEY = "bench-service-key"
@@ -232,8 +236,9 @@ async def bench_fanout(env: Env, rt: Runtime, workers: Sequence[int], events: in
         """Seconds for one round, and how busy the machine was meanwhile (percent)."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        api = (["api"], env.process_env(rt.settings, port))
-        worker_cmds = [(["worker", "--concurrency", "4"], env.process_env(rt.settings))
+        api = (["api", "--processes", "1"], env.process_env(rt.settings, port))
+        worker_cmds = [(["worker", "--processes", "1", "--concurrency", "4"],
+                        env.process_env(rt.settings))
                        for _ in range(count)]
         with processes([api, *worker_cmds]):
             await wait_http(f"{url}/healthz")
@@ -404,29 +409,112 @@ async def bench_strategies(env: Env, quick: bool) -> list[dict[str, Any]]:
             mega_s = time.perf_counter() - started
             posted += 1
             rows += mega_rows
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            reads = []
-            with processes([(["api"], env.process_env(settings, port))]):
-                await wait_http(f"{url}/healthz")
-                for group in (0, 3, 30):
-                    tokens = [issue_token(JWT_SECRET, f"r{group}-{r}", 3600)
-                              for r in range(readers)]
-                    plan = RequestPlan([
-                        ("GET", f"{url}/v1/inbox?limit=50", {"Authorization": f"Bearer {t}"},
-                         None) for t in tokens])
-                    result = await asyncio.to_thread(
-                        run_load_in_process, plan, connections=16, duration_s=read_s)
-                    reads.append({"celebrities": group, "rps": round(result.rps),
-                                  "p50_ms": round(result.p50_ms, 2),
-                                  "p99_ms": round(result.p99_ms, 2), "errors": result.errors})
+            read_ceiling = None
+            if name == "push":
+                # The raw read ceiling on these very inboxes: the driver alone reading the
+                # readers' 51-row slices (what a push reader's page costs the store).
+                log("raw read ceiling on the push readers' inboxes")
+                read_ceiling = await asyncio.to_thread(
+                    ceilings.cassandra_read_ceiling, env.hosts, keyspace,
+                    users=[f"r{g}-{r}" for g in (0, 3, 30) for r in range(readers)],
+                    duration_s=read_s)
+            by_processes: dict[str, list[dict[str, Any]]] = {}
+            for count in API_PROCESSES:
+                by_processes[str(count)] = await read_groups(env, settings, readers, read_s,
+                                                             count)
         row = {"strategy": name, "threshold": threshold, "events": posted,
                "rows_per_event": round(rows / posted, 1), "mega_followers": mega,
-               "mega_rows": mega_rows, "mega_fanout_s": round(mega_s, 3), "reads": reads}
+               "mega_rows": mega_rows, "mega_fanout_s": round(mega_s, 3),
+               "reads": by_processes[str(API_PROCESSES[0])],
+               "reads_by_processes": by_processes, "client": read_client()}
+        if read_ceiling is not None:
+            row["read_ceiling"] = read_ceiling
         results.append(row)
         log(f"strategy {name}: {row['rows_per_event']} rows/event, "
-            f"{mega:,}-follower post in {mega_s:.2f}s, reads {reads}")
+            f"{mega:,}-follower post in {mega_s:.2f}s, reads {by_processes}")
     return results
+
+
+API_PROCESSES = (1, 2)  # `feedsvc api --processes N` for the strategies' reads
+READ_CONNECTIONS = 16
+
+
+def read_client() -> str:
+    """wrk when it can be had (it leaves the cores to the server), else the Python client."""
+    return "wrk" if wrk_binary() is not None else "httpload"
+
+
+async def read_groups(env: Env, settings: Settings, readers: int, read_s: float,
+                      api_processes: int) -> list[dict[str, Any]]:
+    """``GET /v1/inbox?limit=50`` per reader group against ``feedsvc api --processes N``:
+    an untimed warm-up (connections, and this run's caches), then ``read_s`` measured."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    client = read_client()
+    reads = []
+    with processes([(["api", "--processes", str(api_processes)],
+                     env.process_env(settings, port))]):
+        await wait_http(f"{url}/healthz")
+        for group in (0, 3, 30):
+            tokens = [issue_token(JWT_SECRET, f"r{group}-{r}", 3600) for r in range(readers)]
+            requests = [("/v1/inbox?limit=50", {"Authorization": f"Bearer {t}"})
+                        for t in tokens]
+            if client == "wrk":
+                await asyncio.to_thread(run_wrk, url, requests, connections=READ_CONNECTIONS,
+                                        duration_s=1.0)
+                result = await asyncio.to_thread(run_wrk, url, requests,
+                                                 connections=READ_CONNECTIONS,
+                                                 duration_s=read_s)
+                row = {"rps": round(result["rps"]), "p50_ms": round(result["p50_ms"], 2),
+                       "p99_ms": round(result["p99_ms"], 2), "errors": result["errors"]}
+            else:
+                plan = RequestPlan([("GET", f"{url}{path}", headers, None)
+                                    for path, headers in requests])
+                await asyncio.to_thread(run_load_in_process, plan,
+                                        connections=READ_CONNECTIONS, duration_s=1.0)
+                measured = await asyncio.to_thread(
+                    run_load_in_process, plan, connections=READ_CONNECTIONS,
+                    duration_s=read_s)
+                row = {"rps": round(measured.rps), "p50_ms": round(measured.p50_ms, 2),
+                       "p99_ms": round(measured.p99_ms, 2), "errors": measured.errors}
+            reads.append({"celebrities": group, **row})
+            log(f"reads, {api_processes} API process(es), {group} celebrities: {row}")
+    return reads
+
+
+def read_ratios(strategies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets as ratios, per API process count: hybrid against push (req/s and
+    p99) for readers of 3 and 30 celebrities, push readers against the raw read ceiling,
+    and 2 API processes against 1."""
+    by = {s["strategy"]: s for s in strategies}
+    out: dict[str, Any] = {}
+
+    def reads(strategy: str, count: str) -> dict[int, dict[str, Any]]:
+        return {r["celebrities"]: r for r in by[strategy]["reads_by_processes"][count]}
+
+    counts = [str(c) for c in API_PROCESSES]
+    if "hybrid" in by and "push" in by:
+        for count in counts:
+            hybrid, push = reads("hybrid", count), reads("push", count)
+            for group in (3, 30):
+                out[f"hybrid_rps_over_push_{group}c_{count}p"] = round(
+                    hybrid[group]["rps"] / max(1, push[group]["rps"]), 3)
+                out[f"hybrid_p99_over_push_{group}c_{count}p"] = round(
+                    hybrid[group]["p99_ms"] / max(0.01, push[group]["p99_ms"]), 3)
+    if "push" in by and "read_ceiling" in by["push"]:
+        ceiling = by["push"]["read_ceiling"]["best"]["queries_per_s"]
+        best = max(reads("push", c)[0]["rps"] for c in counts)
+        out["push_rps_over_read_ceiling"] = round(best / max(1.0, ceiling), 3)
+        for count in counts:
+            out[f"push_rps_over_read_ceiling_{count}p"] = round(
+                reads("push", count)[0]["rps"] / max(1.0, ceiling), 3)
+    if len(counts) == 2:
+        for strategy in by:
+            for group in (0, 3, 30):
+                one = reads(strategy, counts[0])[group]["rps"]
+                out[f"{strategy}_{group}c_processes_{counts[1]}_over_{counts[0]}"] = round(
+                    reads(strategy, counts[1])[group]["rps"] / max(1, one), 3)
+    return out
 
 
 # --- 5. locust ---------------------------------------------------------------------------
@@ -511,6 +599,12 @@ async def run(env: Env, quick: bool, out: Path, sections: set[str]) -> dict[str,
             "aiohttp_noop": await asyncio.to_thread(
                 ceilings.aiohttp_noop_ceiling, 16, 3.0 if quick else 10.0),
         }
+        if wrk_binary() is not None:
+            result["ceilings"]["aiohttp_noop_wrk"] = await asyncio.to_thread(
+                ceilings.aiohttp_noop_wrk_ceiling, 16, 3.0 if quick else 10.0)
+        result["ceilings"]["cassandra_read"] = await asyncio.to_thread(
+            ceilings.cassandra_read_ceiling, env.hosts, keyspace,
+            duration_s=3.0 if quick else 10.0)
 
     settings = env.settings(keyspace, "bench")
     async with open_runtime(settings) as rt:
@@ -534,8 +628,9 @@ async def run(env: Env, quick: bool, out: Path, sections: set[str]) -> dict[str,
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        commands = [(["api"], env.process_env(settings, port)),
-                    (["worker", "--concurrency", "4"], env.process_env(settings))]
+        commands = [(["api", "--processes", "1"], env.process_env(settings, port)),
+                    (["worker", "--processes", "1", "--concurrency", "4"],
+                     env.process_env(settings))]
         samples = 5 if quick else 30
         with processes(commands):
             await wait_http(f"{url}/healthz")
@@ -562,6 +657,7 @@ async def run(env: Env, quick: bool, out: Path, sections: set[str]) -> dict[str,
     if "strategies" in sections:
         log("strategies")
         result["strategies"] = await bench_strategies(env, quick)
+        result["read_ratios"] = read_ratios(result["strategies"])
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 

@@ -1,6 +1,6 @@
 """Ceilings of this machine: the raw limits feedsvc's own numbers are divided by.
 
-Three measurements, each of the plain building block feedsvc stands on, driven the way feedsvc
+The measurements, each of the plain building block feedsvc stands on, driven the way feedsvc
 drives it:
 
 * ``cassandra_insert_ceiling``: inbox rows per second into a table shaped exactly like
@@ -9,10 +9,15 @@ drives it:
   single-row prepared inserts with 256 in flight, and as unlogged batches of rows grouped by
   replica set (16 and 64 rows, and as many as feedsvc's batch-size estimate lets into one
   batch, at most 128; 32 batches in flight), each from 1 and from N processes.
-* ``redis_ceilings``: ``redis-benchmark`` ops/s for ``XADD`` and ``SET ... NX``, with and
-  without pipelining.
+* ``cassandra_read_ceiling``: inbox slices per second read by the driver alone, the read
+  path's first query (a prepared single-partition ``SELECT item ... LIMIT 51``), 32 in
+  flight per process, from 1 and 2 processes.
+* ``redis_ceilings``: ``redis-benchmark`` ops/s for ``XADD``, ``SET ... NX`` and the read
+  path's ``MGET`` of two versions, with and without pipelining.
 * ``aiohttp_noop_ceiling``: requests/s of a no-op aiohttp handler (``loadtest.noop_server``)
-  under ``loadtest.httpload``, the generator every HTTP number of the harness uses.
+  under ``loadtest.httpload``, the generator every HTTP number of the harness uses, and
+  under ``wrk`` (``aiohttp_noop_wrk_ceiling``), which measures the server rather than the
+  Python client.
 
 ``python -m loadtest.ceilings [--quick]`` runs all three and prints one JSON document on stdout
 (progress goes to stderr). Everything stays on 127.0.0.1 and is bounded in rows, requests and
@@ -545,6 +550,202 @@ class _Pump:
         self._send_next()
 
 
+# --- reads ---------------------------------------------------------------------------------
+READ_IN_FLIGHT = 32  # reads in flight per process
+READ_LIMIT = 51  # the read path's first inbox query: a page of 50 and one more
+_READ_CQL = "SELECT item FROM {ks}.{table} WHERE user_id = ? LIMIT ?"
+
+
+@dataclass(frozen=True)
+class _ReadJob:
+    hosts: tuple[str, ...]
+    keyspace: str
+    table: str
+    users: tuple[str, ...]
+    limit: int
+    in_flight: int
+    duration_s: float
+
+
+def cassandra_read_ceiling(
+    hosts: Sequence[str], keyspace: str, *, users: Sequence[str] | None = None,
+    table: str = SOURCE_TABLE, processes: Sequence[int] = (1, 2), duration_s: float = 10.0,
+    in_flight: int = READ_IN_FLIGHT, limit: int = READ_LIMIT, payload_bytes: int = 236,
+    partitions: int = 50, rows_per_partition: int = 60,
+) -> dict[str, Any]:
+    """Inbox slices per second read by the driver alone: the read path's first query
+    (``SELECT item ... WHERE user_id = ? LIMIT 51``, prepared, one partition), ``in_flight``
+    outstanding per process, cycling over ``users``, for ``duration_s``, from each number of
+    ``processes``. Without ``users`` it reads its own table (``inbox_ceiling_by_user``, filled
+    first with ``partitions`` inboxes of ``rows_per_partition`` items of ``payload_bytes``).
+
+    Returns ``{"patterns": {"read_1p": {...}, ...}, "best": {"pattern", "queries_per_s",
+    "rows_per_s"}}``; each pattern has queries/s, rows/s, p50/p99 ms and errors."""
+    hosts = tuple(hosts)
+    if users is None:
+        table = CEILING_TABLE
+        users = [f"reader{n}" for n in range(partitions)]
+        _fill_read_table(hosts, keyspace, users, rows_per_partition, payload_bytes)
+    _check_name(keyspace)
+    _check_name(table)
+    patterns: dict[str, Any] = {}
+    for count in processes:
+        quiet = settle()
+        _progress(f"cassandra: reads of {limit} rows, {count} process(es), {in_flight} in "
+                  f"flight each, {duration_s:g} s")
+        run = _run_read_pattern(_ReadJob(hosts, keyspace, table, tuple(users), limit,
+                                         in_flight, duration_s), count)
+        run["settle"] = quiet
+        patterns[f"read_{count}p"] = run
+    name, best = max(patterns.items(), key=lambda kv: kv[1]["queries_per_s"])
+    return {"patterns": patterns, "table": f"{keyspace}.{table}", "limit": limit,
+            "best": {"pattern": name, "queries_per_s": best["queries_per_s"],
+                     "rows_per_s": best["rows_per_s"]}}
+
+
+def _fill_read_table(hosts: tuple[str, ...], keyspace: str, users: Sequence[str],
+                     rows: int, payload_bytes: int) -> None:
+    from cassandra.concurrent import execute_concurrent_with_args
+
+    _prepare_table(hosts, keyspace)
+    cluster, session = connect_cluster(hosts)
+    try:
+        _truncate(session, keyspace)
+        insert = session.prepare(_INSERT_CQL.format(ks=keyspace, table=CEILING_TABLE))
+        now = int(time.time() * 1000)
+        blob = b"x" * payload_bytes
+        args = [(user, now - n, _event_id(now - n), "author", False, blob, INBOX_TTL_S)
+                for user in users for n in range(rows)]
+        execute_concurrent_with_args(session, insert, args, concurrency=64,
+                                     raise_on_first_error=True)
+    finally:
+        cluster.shutdown()
+
+
+def _run_read_pattern(job: _ReadJob, processes: int) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    results: Queue[_Report] = ctx.Queue()
+    start_line = ctx.Barrier(processes)
+    workers = [ctx.Process(target=_read_process, args=(job, start_line, results, k),
+                           name=f"ceiling-read-{k}", daemon=True) for k in range(processes)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + _WORKER_START_TIMEOUT_S + job.duration_s + 60
+    collected, failures = collect_results(workers, results, deadline)
+    if failures:
+        raise RuntimeError("cassandra read run failed:\n" + "\n".join(failures))
+    reports = [r for r in collected if r is not None]
+    wall = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
+    latencies = sorted(x for r in reports for x in r["latencies_ms"])
+    queries = sum(r["queries"] for r in reports)
+    busy = [r["machine_busy_pct"] for r in reports if r["machine_busy_pct"] is not None]
+    return {
+        "queries_per_s": round(queries / wall, 1) if wall > 0 else 0.0,
+        "rows_per_s": round(sum(r["rows"] for r in reports) / wall, 1) if wall > 0 else 0.0,
+        "queries": queries, "errors": sum(r["errors"] for r in reports),
+        "first_error": next((r["first_error"] for r in reports if r["first_error"]), None),
+        "p50_ms": round(_pct(latencies, 50), 2), "p99_ms": round(_pct(latencies, 99), 2),
+        "wall_s": round(wall, 3), "processes": processes,
+        "in_flight_per_process": job.in_flight,
+        "client_cpu_pct": round(100.0 * sum(r["cpu_s"] for r in reports) / wall, 1)
+        if wall > 0 else 0.0,
+        "machine_busy_pct": round(statistics.fmean(busy), 1) if busy else None,
+    }
+
+
+def _pct(ordered: Sequence[float], pct: float) -> float:
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+def _read_process(job: _ReadJob, start_line: Barrier, results: Queue[_Report],
+                  index: int) -> None:
+    """One client process: connect, prepare, wait for the others, read for the duration."""
+    cluster = None
+    try:
+        cluster, session = connect_cluster(job.hosts)
+        prepared = session.prepare(_READ_CQL.format(ks=job.keyspace, table=job.table))
+        users = job.users[index:] + job.users[:index]  # the processes start apart
+        pump = _ReadPump(session, prepared, users, job.limit, job.in_flight)
+        pump.run(1.0)  # warm-up: connections and the server's caches
+        start_line.wait(timeout=_WORKER_START_TIMEOUT_S)
+        machine_before = machine_cpu()
+        cpu_before = time.process_time()
+        pump = _ReadPump(session, prepared, users, job.limit, job.in_flight)
+        pump.run(job.duration_s)
+        report = {"started": pump.started, "ended": pump.ended, "queries": pump.queries,
+                  "rows": pump.rows, "errors": pump.errors, "first_error": pump.first_error,
+                  "latencies_ms": pump.latencies_ms,
+                  "cpu_s": time.process_time() - cpu_before,
+                  "machine_busy_pct": busy_pct(machine_before, machine_cpu())}
+    except Exception:
+        start_line.abort()
+        results.put((index, None, traceback.format_exc()))
+    else:
+        results.put((index, report, None))
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+class _ReadPump:
+    """Keeps ``in_flight`` reads outstanding until the time is up (callbacks on the driver's
+    event loop thread send the next read)."""
+
+    def __init__(self, session: Any, prepared: Any, users: Sequence[str], limit: int,
+                 in_flight: int) -> None:
+        self._session, self._prepared, self._users = session, prepared, users
+        self._limit, self._in_flight = limit, in_flight
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._pending = 0
+        self._next = 0
+        self._until = 0.0
+        self.started = self.ended = 0.0
+        self.queries = self.rows = self.errors = 0
+        self.first_error: str | None = None
+        self.latencies_ms: list[float] = []
+
+    def run(self, duration_s: float) -> None:
+        self.started = time.monotonic()
+        self._until = self.started + duration_s
+        for _ in range(self._in_flight):
+            self._send()
+        self._done.wait(duration_s + 30)
+        self.ended = time.monotonic()
+
+    def _send(self) -> None:
+        with self._lock:
+            if time.monotonic() >= self._until or self.errors >= _MAX_ERRORS:
+                if self._pending == 0:
+                    self._done.set()
+                return
+            self._pending += 1
+            user = self._users[self._next % len(self._users)]
+            self._next += 1
+        sent = time.monotonic()
+        future = self._session.execute_async(self._prepared.bind((user, self._limit)))
+        future.add_callbacks(self._ok, self._failed, callback_args=(sent,),
+                             errback_args=(sent,))
+
+    def _ok(self, rows: Any, sent: float) -> None:
+        with self._lock:
+            self._pending -= 1
+            self.queries += 1
+            self.rows += len(rows)
+            self.latencies_ms.append((time.monotonic() - sent) * 1000)
+        self._send()
+
+    def _failed(self, exc: BaseException, sent: float) -> None:
+        with self._lock:
+            self._pending -= 1
+            self.errors += 1
+            if self.first_error is None:
+                self.first_error = f"{type(exc).__name__}: {exc}"
+        self._send()
+
+
 # =========================================================================================
 # Redis
 # =========================================================================================
@@ -567,6 +768,8 @@ def redis_ceilings(
     commands = {
         "xadd": ["XADD", f"{REDIS_PREFIX}stream", "*", "f", "v"],
         "set_nx": ["SET", f"{REDIS_PREFIX}set:__rand_int__", "v", "NX"],
+        # What every inbox read asks (feedsvc/queue/notices_redis.py): two versions.
+        "mget2": ["MGET", f"{REDIS_PREFIX}rv:__rand_int__", f"{REDIS_PREFIX}rv:pullset"],
     }
     out: dict[str, Any] = {}
     details: dict[str, Any] = {"clients": REDIS_CLIENTS, "requests": requests,
@@ -673,6 +876,37 @@ def aiohttp_noop_ceiling(
     out.update(url="GET /noop", aiohttp_version=aiohttp.__version__,
                server_cpu_pct=sampler.process_pct(), machine_busy_pct=sampler.machine_pct(),
                settle=quiet)
+    return out
+
+
+def aiohttp_noop_wrk_ceiling(connections: int = 16, duration_s: float = 10.0
+                             ) -> dict[str, Any]:
+    """The no-op handler (``loadtest.noop_server``) under ``wrk`` (``loadtest.wrk``): the
+    server's ceiling rather than the Python client's."""
+    from loadtest.wrk import run_wrk
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/noop"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryFile() as server_log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "loadtest.noop_server", "--host", "127.0.0.1",
+             "--port", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=server_log,
+        )
+        try:
+            _wait_until_answers(url, server, server_log, timeout_s=30.0)
+            quiet = settle()
+            _progress(f"aiohttp: GET /noop under wrk, {connections} connections, "
+                      f"{duration_s:g} s")
+            with _CpuSampler(server.pid) as sampler:
+                out = run_wrk(f"http://127.0.0.1:{port}", [("/noop", {})],
+                              connections=connections, duration_s=duration_s)
+        finally:
+            _stop(server)
+    out.update(url="GET /noop", server_cpu_pct=sampler.process_pct(),
+               machine_busy_pct=sampler.machine_pct(), settle=quiet)
     return out
 
 
@@ -855,13 +1089,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cassandra_insert_ceiling(hosts, args.keyspace,
                                         rows=int(settings["cassandra_rows"]))
 
+    def reads() -> dict[str, Any]:
+        create_keyspace(hosts, args.keyspace)
+        return cassandra_read_ceiling(hosts, args.keyspace,
+                                      duration_s=float(settings["http_duration_s"]))
+
     measurements: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
         ("cassandra", "cassandra_insert", cassandra),
+        ("cassandra", "cassandra_read", reads),
         ("redis", "redis",
          lambda: redis_ceilings(args.redis_port, int(settings["redis_requests"]))),
         ("http", "aiohttp_noop", lambda: aiohttp_noop_ceiling(
             int(settings["http_connections"]), float(settings["http_duration_s"]),
             warmup_s=float(settings["http_warmup_s"]))),
+        ("http", "aiohttp_noop_wrk", lambda: aiohttp_noop_wrk_ceiling(
+            16, float(settings["http_duration_s"]))),
     ]
     for name, key, measure in measurements:
         if name not in only:

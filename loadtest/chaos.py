@@ -82,11 +82,11 @@ class Fleet:
                                  *cmd], env=self.env, stdout=out, stderr=subprocess.STDOUT)
 
     def start_api(self) -> None:
-        self.api = self._spawn("api", "api", "--port", str(self.port))
+        self.api = self._spawn("api", "api", "--processes", "1", "--port", str(self.port))
 
     def start_worker(self) -> None:
         self.workers.append(self._spawn(f"worker{len(self.workers)}", "worker",
-                                        "--concurrency", "4"))
+                                        "--processes", "1", "--concurrency", "4"))
 
     def kill_api(self) -> None:
         assert self.api is not None

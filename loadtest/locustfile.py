@@ -1,4 +1,5 @@
-"""Mixed workload for ``make load``: 90% inbox reads, 9% posts, 1% follow/unfollow.
+"""Mixed workload for ``make load``, by weight: 90 inbox reads, 30 unread-badge polls
+(``GET /v1/inbox/unread_count``: every client polls it), 9 posts, 1 follow/unfollow.
 
 Runs against a feedsvc whose graph was made by ``feedsvc seed`` (user ids ``u0..uN-1``).
 Environment: ``FEEDSVC_LOAD_USERS`` (graph size, default 100000), ``FEEDSVC_SERVICE_KEY``
@@ -40,6 +41,11 @@ class FeedUser(FastHttpUser):
     @task(90)
     def read_inbox(self) -> None:
         self.client.get("/v1/inbox?limit=50", headers=self.user_auth, name="GET /v1/inbox")
+
+    @task(30)
+    def unread_count(self) -> None:
+        self.client.get("/v1/inbox/unread_count", headers=self.user_auth,
+                        name="GET /v1/inbox/unread_count")
 
     @task(9)
     def post_event(self) -> None:

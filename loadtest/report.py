@@ -28,6 +28,9 @@ def markdown(result: dict[str, Any]) -> str:
     noop_rps = 0.0
     if "ceilings" in result:
         noop_rps = result["ceilings"]["aiohttp_noop"]["rps"]
+        wrk = result["ceilings"].get("aiohttp_noop_wrk")
+        if wrk and any(s.get("client") == "wrk" for s in result.get("strategies", [])):
+            noop_rps = wrk["rps"]  # reads measured by wrk are compared with wrk's no-op
         parts += _ceilings(result["ceilings"])
     if "fanout" in result:
         parts += _fanout(result["fanout"])
@@ -35,6 +38,8 @@ def markdown(result: dict[str, Any]) -> str:
         parts += _latency(result["latency"])
     if "strategies" in result:
         parts += _strategies(result["strategies"], noop_rps)
+    if result.get("read_ratios"):
+        parts += _read_ratios(result["read_ratios"])
     if "locust" in result:
         parts += _locust(result["locust"])
     return "\n\n".join(parts) + "\n"
@@ -54,8 +59,21 @@ def _ceilings(c: dict[str, Any]) -> list[str]:
              if isinstance(rate, (int, float))]
     rows.append(["aiohttp no-op handler", f"{noop['rps']:,.0f} req/s "
                  f"(p50 {noop['p50_ms']:.2f} ms, p99 {noop['p99_ms']:.2f} ms)"])
+    wrk = c.get("aiohttp_noop_wrk")
+    if wrk:
+        rows.append(["aiohttp no-op handler, wrk", f"{wrk['rps']:,.0f} req/s "
+                     f"(p50 {wrk['p50_ms']:.2f} ms, p99 {wrk['p99_ms']:.2f} ms)"])
+    if c.get("cassandra_read"):
+        rows += _read_ceiling_rows(c["cassandra_read"], "")
     parts.append(_table(["ceiling", "measured"], rows))
     return parts
+
+
+def _read_ceiling_rows(read: dict[str, Any], where: str) -> list[list[Any]]:
+    return [[f"Cassandra inbox slice read{where}, {name}",
+             f"{r['queries_per_s']:,.0f} reads/s ({r['rows_per_s']:,.0f} rows/s, "
+             f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms)"]
+            for name, r in read["patterns"].items()]
 
 
 def _rounds(fanout: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -118,7 +136,48 @@ def _strategies(strategies: list[dict[str, Any]], noop_rps: float) -> list[str]:
                  for s in strategies for r in s["reads"]]
     parts.append(_table(["strategy", "celebrities followed", "GET /v1/inbox req/s",
                          "ratio to no-op handler", "errors"], read_rows))
+    by_processes = [s for s in strategies if "reads_by_processes" in s]
+    if by_processes:
+        client = by_processes[0].get("client", "httpload")
+        parts.append(f"GET /v1/inbox?limit=50 by API processes ({client}, 16 connections):")
+        rows = []
+        for s in by_processes:
+            for count, reads in s["reads_by_processes"].items():
+                rows += [[s["strategy"], count, r["celebrities"], r["rps"], r["p50_ms"],
+                          r["p99_ms"], r["errors"]] for r in reads]
+        parts.append(_table(["strategy", "API processes", "celebrities followed", "req/s",
+                             "p50 ms", "p99 ms", "errors"], rows))
+    ceiling = next((s["read_ceiling"] for s in strategies if "read_ceiling" in s), None)
+    if ceiling:
+        parts.append(_table(["raw read ceiling on the push readers' inboxes", "measured"],
+                            _read_ceiling_rows(ceiling, ", push inboxes")))
     return parts
+
+
+_TARGETS = [
+    ("hybrid inbox req/s ÷ pure push, 3 celebrities", "hybrid_rps_over_push_3c", ">= 0.9"),
+    ("hybrid inbox req/s ÷ pure push, 30 celebrities", "hybrid_rps_over_push_30c", ">= 0.7"),
+    ("hybrid p99 ÷ pure push p99, 3 celebrities", "hybrid_p99_over_push_3c", "<= 1.3"),
+    ("hybrid p99 ÷ pure push p99, 30 celebrities", "hybrid_p99_over_push_30c", "<= 1.5"),
+]
+
+
+def _read_ratios(ratios: dict[str, Any]) -> list[str]:
+    rows = []
+    for label, key, target in _TARGETS:
+        rows.append([label, *(ratios.get(f"{key}_{n}p", "-") for n in (1, 2)), target])
+    rows.append(["push-reader req/s ÷ raw read ceiling (best of 1 and 2)",
+                 ratios.get("push_rps_over_read_ceiling_1p", "-"),
+                 ratios.get("push_rps_over_read_ceiling_2p", "-"), ">= 0.6 (best: "
+                 f"{ratios.get('push_rps_over_read_ceiling', '-')})"])
+    for strategy in ("hybrid", "push", "pull"):
+        for group in (0, 3, 30):
+            key = f"{strategy}_{group}c_processes_2_over_1"
+            if key in ratios:
+                rows.append([f"{strategy}, {group} celebrities: req/s with --processes 2 ÷ 1",
+                             "", ratios[key], ">= 1.5"])
+    return ["### Read targets (ratios of this run)",
+            _table(["figure", "API 1 process", "API 2 processes", "target"], rows)]
 
 
 def _locust(lo: dict[str, Any]) -> list[str]:

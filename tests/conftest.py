@@ -15,15 +15,14 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from cassandra.cluster import Cluster, Session
-from redis.asyncio.cluster import RedisCluster
 
 from feedsvc.api.app import init_app
 from feedsvc.api.server import GuardedAppRunner, Limits
 from feedsvc.config import Settings
 from feedsvc.migrate import migrate
 from feedsvc.queue.embedded import EmbeddedQueue
-from feedsvc.queue.redis import RedisQueue
-from feedsvc.runtime import Runtime, open_delivery
+from feedsvc.queue.redis import RedisQueue, cluster_client
+from feedsvc.runtime import Runtime, open_delivery, open_policy
 from feedsvc.store.cassandra import CassandraStore, connect_cluster
 from feedsvc.store.recipients_cassandra import CassandraRecipients
 from feedsvc.store.recipients_sqlite import SqliteRecipients
@@ -103,7 +102,7 @@ def prefix() -> str:
 @pytest.fixture
 async def redis_client(endpoints: Endpoints, prefix: str) -> AsyncIterator[aioredis.Redis]:
     """A Redis client; every key under this test's prefix is deleted afterwards."""
-    client: Any = (RedisCluster.from_url(endpoints.redis_url) if endpoints.redis_cluster
+    client: Any = (cluster_client(endpoints.redis_url) if endpoints.redis_cluster
                    else aioredis.Redis.from_url(endpoints.redis_url))
     try:
         yield client
@@ -163,10 +162,12 @@ async def make_runtime(
             opened.append(lambda: _drop_prefix(queue, prefix))  # runs before close
             return Runtime(settings, store, queue,
                            recipients=cassandra_recipients,
-                           delivery=await open_delivery(store, queue), **clock)
+                           delivery=await open_delivery(store, queue),
+                           policy=await open_policy(store), **clock)
         opened.append(queue.close)
         return Runtime(settings, store, queue, recipients=recipients,
-                       delivery=await open_delivery(store, queue), **clock)
+                       delivery=await open_delivery(store, queue),
+                       policy=await open_policy(store), **clock)
 
     yield factory
     for close in reversed(opened):

@@ -34,7 +34,7 @@ class Endpoints:
     redis_url: str
     source: str
     replication: str = Settings.replication  # of the test keyspace
-    redis_cluster: bool = False  # FEEDSVC_REDIS_URL names a node of a Redis Cluster
+    redis_cluster: bool = False  # FEEDSVC_REDIS_URL names nodes of a Redis Cluster
 
 
 def docker_engine_answers() -> bool:

@@ -47,7 +47,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
 def start_worker(settings: Settings, log: IO[bytes], *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "feedsvc.cli", "--log-level", "WARNING", "worker",
-         "--concurrency", "1", *extra],
+         "--processes", "1", "--concurrency", "1", *extra],
         env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
     )
 

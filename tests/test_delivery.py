@@ -268,12 +268,19 @@ async def test_the_delivery_log_is_the_recipients_own(setup: Setup) -> None:
     s, api = setup, setup.api
     author, fan, other = api.user("author"), api.user("fan"), api.user("other")
     await api.follow(fan, author)
-    event_id = await api.post_ok(author, notify={"channels": ["sms"],
+    event_id = await api.post_ok(author, notify={"channels": ["sms", "push"],
                                                  "message": {"title": "t", "body": "b"}})
-    await s.deliver_all()
     path = f"/v1/events/{event_id}/deliveries/{fan}"
-    status, body = await s.call("GET", path, headers=api.token(fan))
+    status, body = await s.call("GET", path, headers=api.token(fan))  # no worker yet
     assert status == 200 and body["notification_id"] == f"{event_id}:{fan}"
+    assert sorted((d["channel"], d["target"], d["status"]) for d in body["deliveries"]) == [
+        ("push", "push", "queued"), ("sms", "sms", "queued")]
+    assert (await s.call("GET", f"/v1/events/{event_id}/deliveries/{other}"))[1][
+        "deliveries"] == []  # not in the audience: nothing is owed to them
+    await s.deliver_all()
+    status, body = await s.call("GET", path, headers=api.token(fan))
+    assert sorted((d["channel"], d["status"], d["reason"]) for d in body["deliveries"]) == [
+        ("push", "suppressed", "no_device"), ("sms", "suppressed", "no_contact")]
     assert (await s.call("GET", path, headers=api.token(other)))[0] == 403
 
 

@@ -328,7 +328,7 @@ async def test_a_digest_template_is_used_when_defined(busy: Policy) -> None:
 async def test_policy_state_contract(runtime: Any, prefix: str) -> None:
     """The ``PolicyState`` port on both backends: arrival order (a repeat keeps its
     number), held items in arrival order, marks."""
-    policy = runtime.delivery.policy
+    policy = runtime.delivery.policy_state
     window = f"{prefix}-u/push/0"
     assert [await policy.arrive(window, m, 60) for m in ("a", "b", "a", "c")] == [1, 2, 1, 3]
     assert await policy.arrive(f"{prefix}-other/push/0", "a", 60) == 1

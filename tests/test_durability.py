@@ -17,10 +17,11 @@ import msgspec
 import pytest
 
 from feedsvc import intake
+from feedsvc.errors import RetryableError
 from feedsvc.model import PRIORITIES, Event, Priority
 from feedsvc.queue.embedded import EmbeddedQueue
 from feedsvc.queue.redis import RedisQueue
-from feedsvc.runtime import Runtime, open_delivery, open_runtime
+from feedsvc.runtime import Runtime, open_delivery, open_policy, open_runtime
 from feedsvc.store.base import OutboxRow, outbox_bucket
 from feedsvc.store.cassandra import CassandraStore
 from feedsvc.store.recipients_cassandra import CassandraRecipients
@@ -278,7 +279,8 @@ async def cassandra_runtime(
     try:
         yield Runtime(settings, cassandra_store, queue,
                       recipients=cassandra_recipients,
-                      delivery=await open_delivery(cassandra_store, queue))
+                      delivery=await open_delivery(cassandra_store, queue),
+                      policy=await open_policy(cassandra_store))
     finally:
         await queue.close()
 
@@ -287,7 +289,14 @@ async def wait_delivered(api: Api, users: list[str], events: list[str], seconds:
                          ) -> None:
     """Until every user has at least ``len(events)`` rows (then ``exactly_once`` checks)."""
     deadline = time.monotonic() + seconds
-    while not all([len(await api.rows(u)) >= len(events) for u in users]):
+
+    async def delivered() -> bool:
+        try:
+            return all([len(await api.rows(u)) >= len(events) for u in users])
+        except RetryableError:  # a node still catching up after the fault: poll again
+            return False
+
+    while not await delivered():
         if time.monotonic() > deadline:
             missing = {u: sorted(set(events) - set(await api.rows(u))) for u in users[:3]}
             raise AssertionError(f"not delivered within {seconds} s: {missing}; owed "

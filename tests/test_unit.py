@@ -14,6 +14,7 @@ from feedsvc.errors import ConfigError, InvalidRequest, Unauthenticated, Unproce
 from feedsvc.graph import next_mode
 from feedsvc.intake import parse_body, parse_created_at, validate
 from feedsvc.model import InboxItem
+from feedsvc.queue.redis import cluster_nodes
 from feedsvc.seed import follow_pairs
 from feedsvc.timeline import Cursor, decode_cursor, encode_cursor, merge
 from feedsvc.workers import BACKOFF_CAP, backoff
@@ -144,3 +145,11 @@ def test_seed_graph_is_reproducible_and_skewed() -> None:
         reach[author] = reach.get(author, 0) + 1
     ranked = sorted(reach.values(), reverse=True)
     assert ranked[0] > 20 * ranked[len(ranked) // 2]  # power law: a few authors dominate
+
+
+def test_a_cluster_url_names_every_startup_node() -> None:
+    assert cluster_nodes("redis://10.0.0.1:7000,10.0.0.2:7001,10.0.0.3/0") == (
+        "redis://10.0.0.1:7000/0", [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("10.0.0.3", 6379)])
+    assert cluster_nodes("redis://:pw@h1:7000,h2:7000") == (
+        "redis://:pw@h1:7000", [("h1", 7000), ("h2", 7000)])
+    assert cluster_nodes("redis://h1:7000/0") == ("redis://h1:7000/0", [("h1", 7000)])

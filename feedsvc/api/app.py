@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
@@ -142,14 +144,16 @@ def principal_of(request: web.Request) -> Principal:
 def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
     """Build the application around an open runtime; ``workers`` > 0 also runs that many
     fan-out consumers inside this process (``feedsvc serve``)."""
-    from feedsvc.api import delivery, recipients, routes
+    from feedsvc.api import delivery, policy, recipients, routes
 
     app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BULK_BODY_BYTES)
     app[RUNTIME] = rt
     app[ACCESS] = {}
-    for method, path, handler, access in routes.ROUTES + recipients.ROUTES + delivery.ROUTES:
+    for method, path, handler, access in (routes.ROUTES + recipients.ROUTES + delivery.ROUTES
+                                          + policy.ROUTES):
         app.router.add_route(method, path, handler)
         app[ACCESS].setdefault(path, {})[method] = access
+    app.cleanup_ctx.append(_notices_ctx(rt))
     if workers > 0:
         app.cleanup_ctx.append(_workers_ctx(rt, workers))
     if rt.settings.rate_limit_service or rt.settings.rate_limit_user:
@@ -157,11 +161,25 @@ def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
     return app
 
 
+def _notices_ctx(rt: Runtime) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Other processes' notices (authors' posts) reach this process's read caches."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(rt.notices.listen())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
+
+
 def _buckets_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         buckets: Buckets
         if settings.redis_url and not settings.embedded:
-            buckets = RedisBuckets.open(settings.redis_url, settings.queue_prefix)
+            buckets = RedisBuckets.open(settings.redis_url, settings.queue_prefix,
+                                        cluster=settings.redis_cluster)
         else:
             buckets = LocalBuckets()
         app[BUCKETS] = buckets
@@ -204,20 +222,23 @@ def _workers_ctx(
     return ctx
 
 
-async def serve(settings: Settings, *, workers: int) -> None:
-    """Run the API (and optionally in-process workers) until cancelled. If the in-process
-    workers end on their own (they never should), the process ends with an error rather
-    than go on accepting events nobody fans out."""
+async def serve(settings: Settings, *, workers: int, sock: socket.socket | None = None
+                ) -> None:
+    """Run the API (and optionally in-process workers) until cancelled, listening on
+    ``sock`` when given (one of ``feedsvc api --processes``), else on the configured
+    address. If the in-process workers end on their own (they never should), the process
+    ends with an error rather than go on accepting events nobody fans out."""
     from feedsvc.api.server import GuardedAppRunner, Limits
 
     async with open_runtime(settings) as rt:
         app = init_app(rt, workers=workers)
         runner = GuardedAppRunner(app, Limits.of(settings), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site: web.BaseSite = (web.SockSite(runner, sock) if sock is not None
+                              else web.TCPSite(runner, settings.host, settings.port))
         await site.start()
         freeze_startup_heap()
-        log.info("feedsvc listening on http://%s:%d", settings.host, settings.port)
+        log.info("feedsvc listening on %s (pid %d)", site.name, os.getpid())
         try:
             await rt.health.ended.wait()
             raise FeedError(rt.health.failed or "in-process workers ended")

@@ -33,6 +33,7 @@ from feedsvc.model import (
     NotifyTask,
 )
 from feedsvc.queue.base import DeadLetter
+from feedsvc.runtime import Runtime
 
 # A dead letter's id: a stream entry id ("<ms>-<seq>", after "<shard>:" with shards) or the
 # embedded queue's row id; 18 digits at most, so every part fits a 64-bit integer.
@@ -87,8 +88,32 @@ async def get_template(request: web.Request) -> web.Response:
 async def get_deliveries(request: web.Request) -> web.Response:
     event_id = path_id(request, "event_id", _EVENT_ID, "1-128 of A-Z a-z 0-9 . _ : -")
     user_id = own_user(request)
-    records = await request.app[RUNTIME].delivery.log.records(event_id, user_id)
-    return json_response(Deliveries(notification_id(event_id, user_id), records))
+    rt = request.app[RUNTIME]
+    records = await rt.delivery.log.records(event_id, user_id)
+    return json_response(Deliveries(notification_id(event_id, user_id),
+                                    records + await _queued(rt, event_id, user_id, records)))
+
+
+async def _queued(rt: Runtime, event_id: str, user_id: str, records: list[DeliveryRecord]
+                  ) -> list[DeliveryRecord]:
+    """``queued`` for each channel the event notifies on that has no record yet for a user
+    in its audience: the work is accepted but no worker has resolved its targets. Shown
+    at read time rather than written per recipient at notify time (that write would double
+    the log's writes); "in the audience" for a follower audience is judged by the follow
+    edge as it is now."""
+    logged = {r.channel for r in records}
+    event = await rt.store.get_event(event_id)
+    if event is None or event.notify is None or user_id == event.author_id:
+        return []
+    missing = [c for c in dict.fromkeys(event.notify.channels) if c not in logged]
+    if not missing:
+        return []
+    if event.audience is not None:
+        audience = user_id in event.audience
+    else:
+        audience = bool(await rt.store.following_subset(user_id, [event.author_id]))
+    return [DeliveryRecord(c, c, "queued", updated_at=event.accepted_at)
+            for c in missing] if audience else []
 
 
 async def post_opened(request: web.Request) -> web.Response:

@@ -39,8 +39,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """The JSON request body: 415 unless it is sent as ``application/json``; 413 as soon as
     it exceeds ``limit`` bytes (by its Content-Length, or while reading a chunked body)
     without reading the rest; 408 when it has not all arrived within FEEDSVC_BODY_TIMEOUT."""
-    if request.content_type != "application/json":  # parameters (charset=...) are allowed
-        raise UnsupportedMediaType("send the body as Content-Type: application/json",
+    return await read_raw(request, limit, "application/json")
+
+
+async def read_raw(request: web.Request, limit: int, content_type: str) -> bytes:
+    """The request body sent as ``content_type`` (parameters such as charset allowed), with
+    the 415, 413 and 408 answers of ``read_body``."""
+    if request.content_type != content_type:
+        raise UnsupportedMediaType(f"send the body as Content-Type: {content_type}",
                                    field="Content-Type")
     too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:

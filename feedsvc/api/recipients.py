@@ -58,6 +58,7 @@ async def read_json(request: web.Request, into: type[S]) -> S:
 
 async def put_device(request: web.Request) -> web.Response:
     user_id = own_user(request)
+    await request.app[RUNTIME].erased.refuse(request.app[RUNTIME], user_id)
     device_id = path_id(request, "device_id")
     device = device_from(device_id, await read_json(request, DeviceIn))
     if not await request.app[RUNTIME].recipients.put_device(user_id, device):
@@ -85,6 +86,7 @@ async def get_devices(request: web.Request) -> web.Response:
 
 async def put_contacts(request: web.Request) -> web.Response:
     user_id = own_user(request)
+    await request.app[RUNTIME].erased.refuse(request.app[RUNTIME], user_id)
     body = await read_json(request, ContactsIn)
     recipients = request.app[RUNTIME].recipients
     contacts = contacts_from(body, await recipients.contacts(user_id))
@@ -100,6 +102,7 @@ async def get_contacts(request: web.Request) -> web.Response:
 
 async def put_preferences(request: web.Request) -> web.Response:
     user_id = own_user(request)
+    await request.app[RUNTIME].erased.refuse(request.app[RUNTIME], user_id)
     prefs = preferences_from(await read_json(request, PreferencesIn))
     await request.app[RUNTIME].recipients.put_preferences(user_id, prefs)
     return json_response(prefs)

@@ -94,6 +94,8 @@ async def author_events(request: web.Request) -> web.Response:
     cursor = _cursor(request)
     before = timeline.decode_cursor(cursor).position if cursor else None
     since = rt.now_ms() - rt.settings.retention_ms
+    if author_id in await rt.erased.get(rt):
+        return json_response(PageOut([], None))
     items = await rt.store.author_events(author_id, before, limit + 1, since)
     more = len(items) > limit
     items = items[:limit]
@@ -136,7 +138,9 @@ async def get_inbox(request: web.Request) -> web.Response:
     raw_cursor = _cursor(request)
     cursor = timeline.decode_cursor(raw_cursor) if raw_cursor else None
     page = await timeline.read_inbox(rt, user_id, limit, cursor)
-    return json_response(PageOut([_entry(i, via) for i, via in page.items], page.next_cursor))
+    erased = await rt.erased.get(rt)  # their rows may still be on the way out
+    return json_response(PageOut([_entry(i, via) for i, via in page.items
+                                  if i.author_id not in erased], page.next_cursor))
 
 
 # --- follow graph ----------------------------------------------------------------------

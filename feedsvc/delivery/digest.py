@@ -70,14 +70,14 @@ async def hold_over_limit(rt: Runtime, task: ChannelTask) -> bool:
     window = rate_window(rate, now)
     key = window.key(task.user_id, task.channel)
     keep_s = (window.end_ms - now) / 1000 + rate.period_s  # past the digest's run
-    order = await rt.delivery.policy.arrive(key, task.event.event_id, keep_s)
+    order = await rt.delivery.policy_state.arrive(key, task.event.event_id, keep_s)
     if not over_limit(order, rate):
         return False
     try:
         title, _ = await send.text_of(rt, task)
     except RenderError:
         title = task.event.kind
-    await rt.delivery.policy.hold(key, order, _encoder.encode(Held(task.event.event_id,
+    await rt.delivery.policy_state.hold(key, order, _encoder.encode(Held(task.event.event_id,
                                                                    title)), keep_s)
     digest_id = notification_id(window.digest_event_id(task.channel), task.user_id)
     await rt.delivery.log.record(
@@ -97,7 +97,7 @@ async def send_digest(rt: Runtime, task: DigestTask, providers: Providers,
                       holder: str) -> None:
     window = RateWindow(task.window_start, task.window_end)
     items = [_held.decode(raw) for raw in
-             await rt.delivery.policy.held(window.key(task.user_id, task.channel))]
+             await rt.delivery.policy_state.held(window.key(task.user_id, task.channel))]
     if not items:
         return
     prefs = await rt.recipients.preferences(task.user_id) or Preferences()

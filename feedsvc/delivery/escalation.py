@@ -4,7 +4,8 @@ Where it sits: ``notify.escalate = {"after": s, "to": [channels]}`` makes the no
 fan-out schedule an ``EscalateTask`` per recipient of the push, due ``after`` seconds past
 the time the push was due (a scheduled queue entry: it survives restarts).
 ``POST /v1/notifications/{notification_id}/opened`` (the recipient's own token) marks the
-notification opened (``mark_opened``). When the task comes due, ``escalate`` sends
+notification opened (``mark_opened``; a provider's status report of the push as opened
+counts too). When the task comes due, ``escalate`` sends
 nothing if it was opened; inside the recipient's quiet hours (quiet hours that began after
 the push) it waits for their end, unless the notification is critical; otherwise it
 queues the delivery on the first channel of ``to`` the recipient allows, with the rest of
@@ -31,7 +32,16 @@ def opened_key(event_id: str, user_id: str) -> str:
 
 
 async def mark_opened(rt: Runtime, event_id: str, user_id: str, ttl_s: int) -> None:
-    await rt.delivery.policy.mark(opened_key(event_id, user_id), max(1, ttl_s))
+    await rt.delivery.policy_state.mark(opened_key(event_id, user_id), max(1, ttl_s))
+
+
+async def opened(rt: Runtime, event_id: str, user_id: str) -> bool:
+    """Opened, as the app reported it, or as a provider's status report put it in the
+    delivery log (``feedsvc/delivery/status.py``)."""
+    if await rt.delivery.policy_state.marked(opened_key(event_id, user_id)):
+        return True
+    return any(r.channel == "push" and r.status == "opened"
+               for r in await rt.delivery.log.records(event_id, user_id))
 
 
 async def escalate(rt: Runtime, task: EscalateTask) -> None:
@@ -40,7 +50,7 @@ async def escalate(rt: Runtime, task: EscalateTask) -> None:
     if notify is None or escalate is None:
         return
     ttl = max(1, rt.ttl_left_s(event.created_at))
-    if await rt.delivery.policy.marked(opened_key(event.event_id, task.user_id)):
+    if await opened(rt, event.event_id, task.user_id):
         await rt.delivery.log.record(event.event_id, task.user_id, DeliveryRecord(
             escalate.to[0], "escalation", "suppressed", "opened",
             updated_at=rt.now_ms()), ttl)

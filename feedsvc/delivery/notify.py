@@ -66,7 +66,8 @@ async def notify_page(rt: Runtime, task: NotifyTask) -> int:
     if notify is None:
         return 0
     users, after = await audience_page(rt, event, task.after)
-    users = [u for u in users if u != event.author_id]
+    erased = await rt.erased.get(rt)
+    users = [u for u in users if u != event.author_id and u not in erased]
     limit = asyncio.Semaphore(PREFERENCE_READS)
 
     async def preferences(user_id: str) -> Preferences:

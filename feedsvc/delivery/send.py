@@ -61,6 +61,7 @@ from feedsvc.delivery.recipients import (
     deactivate_contact,
 )
 from feedsvc.delivery.state import DeliveryRecord, DeliveryStatus
+from feedsvc.delivery.status import remember_sent
 from feedsvc.delivery.templates import EventVars, Template, render
 from feedsvc.errors import (
     DeadTarget,
@@ -267,6 +268,9 @@ async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers:
         return
     await rt.delivery.once.mark_sent(once)
     await _log(rt, task, target.target, "sent", None, attempts + 1)
+    await remember_sent(rt, receipt.provider, receipt.message_id, task.event.event_id,
+                        task.user_id, task.channel, target.target, target.address,
+                        rt.ttl_left_s(task.event.created_at))
     log.debug("sent %s via %s (%s)", key, receipt.provider, receipt.message_id)
 
 

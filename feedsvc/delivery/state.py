@@ -24,7 +24,9 @@ import msgspec
 from feedsvc.delivery.templates import Template
 from feedsvc.model import Channel
 
-DeliveryStatus = Literal["queued", "scheduled", "sent", "failed", "dead", "suppressed"]
+DeliveryStatus = Literal["queued", "scheduled", "sent", "failed", "dead", "suppressed",
+                         # reported later by the provider (POST /v1/providers/.../status)
+                         "delivered", "undelivered", "bounced", "opened"]
 ClaimState = Literal["claimed", "sent", "busy"]
 SENT_TTL_S = 7 * 86_400  # how long a sent key is remembered (a replay after that re-sends)
 
@@ -70,6 +72,9 @@ class SendOnce(Protocol):
     async def release(self, key: str, holder: str) -> None:
         """Drop the caller's lease (the send failed): the key may be claimed again."""
 
+    async def forget(self, key: str) -> None:
+        """Drop the key whatever its state (erasure)."""
+
 
 class PolicyState(Protocol):
     """Shared by every worker; every write is idempotent (a task redone repeats it)."""
@@ -94,4 +99,4 @@ class DeliveryState:
     templates: TemplateStore
     log: DeliveryLog
     once: SendOnce
-    policy: PolicyState
+    policy_state: PolicyState  # quiet hours, rate windows, escalation (delivery/policy.py)

@@ -36,13 +36,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import count
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from feedsvc.clock import now_ms
 from feedsvc.errors import RetryableError
@@ -91,8 +92,31 @@ def redis_errors() -> Iterator[None]:
     """The adapter's one exception map: Redis is (briefly) unavailable -> RetryableError."""
     try:
         yield
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:  # the second: no reachable node
         raise RetryableError(f"redis: {exc}") from exc
+
+
+def cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """A Redis Cluster URL may name several startup nodes, ``redis://h1:p1,h2:p2/0``: the
+    client then starts (and later re-discovers the topology) from any that answers, where a
+    single node that died left it dialing that node alone. Returns the URL with the first
+    node only (for the other options it carries) and every node."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        nodes.append((host or item.strip(), int(port) if host and port else 6379))
+    first = f"{userinfo}@{hosts.split(',')[0]}" if userinfo else hosts.split(",")[0]
+    return urlunsplit(parts._replace(netloc=first)), nodes
+
+
+def cluster_client(url: str, **options: Any) -> RedisCluster:
+    """A Redis Cluster client started from every node ``url`` names."""
+    first, nodes = cluster_nodes(url)
+    if len(nodes) > 1:
+        options["startup_nodes"] = [ClusterNode(host, port) for host, port in nodes]
+    return RedisCluster.from_url(first, **options)
 
 
 def _text(value: bytes | str) -> str:
@@ -155,7 +179,7 @@ class RedisQueue:
         }
         client: Any
         if cluster:
-            client = RedisCluster.from_url(url, **options)
+            client = cluster_client(url, **options)
         else:
             # A blocking pool: past MAX_CONNECTIONS a request waits for a free connection
             # (up to request_timeout) instead of failing with "Too many connections" at

@@ -48,3 +48,7 @@ class RedisSendOnce:
     async def release(self, key: str, holder: str) -> None:
         with redis_errors():
             await self.redis.eval(_RELEASE, 1, self._key(key), holder)
+
+    async def forget(self, key: str) -> None:
+        with redis_errors():
+            await self.redis.delete(self._key(key))

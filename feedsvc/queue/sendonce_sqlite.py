@@ -48,3 +48,7 @@ class SqliteSendOnce:
         await self.queue._run(self.queue.db.execute,
                               "DELETE FROM send_once WHERE key = ? AND holder = ? AND sent = 0",
                               (key, holder))
+
+    async def forget(self, key: str) -> None:
+        await self.queue._run(self.queue.db.execute, "DELETE FROM send_once WHERE key = ?",
+                              (key,))

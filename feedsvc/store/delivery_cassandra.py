@@ -4,6 +4,8 @@ store's session. Rows hold msgpack bodies; writes are upserts."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from cassandra.query import PreparedStatement
 
@@ -16,6 +18,9 @@ _STATEMENTS = {
     "template": "SELECT body FROM {ks}.templates_by_name WHERE name = ?",
     "record": "INSERT INTO {ks}.deliveries_by_notification (event_id, user_id, channel, "
               "target, body) VALUES (?, ?, ?, ?, ?) USING TTL ?",
+    # Erasure finds a user's notifications by this index (cql/005).
+    "index_user": "INSERT INTO {ks}.deliveries_by_user (user_id, event_id) VALUES (?, ?) "
+                  "USING TTL ?",
     "records": "SELECT body FROM {ks}.deliveries_by_notification WHERE event_id = ? AND "
                "user_id = ? LIMIT 1000",
 }
@@ -44,8 +49,10 @@ class CassandraDeliveryStore:
 
     async def record(self, event_id: str, user_id: str, record: DeliveryRecord,
                      ttl_s: int) -> None:
-        await self.store.run(self._ps["record"], event_id, user_id, record.channel,
-                             record.target, _encoder.encode(record), max(1, ttl_s))
+        await asyncio.gather(
+            self.store.run(self._ps["record"], event_id, user_id, record.channel,
+                           record.target, _encoder.encode(record), max(1, ttl_s)),
+            self.store.run(self._ps["index_user"], user_id, event_id, max(1, ttl_s)))
 
     async def records(self, event_id: str, user_id: str) -> list[DeliveryRecord]:
         rows = await self.store.run(self._ps["records"], event_id, user_id)

@@ -137,6 +137,35 @@ def cql_rows(host: str, port: int, query: str) -> tuple[list[Any] | None, str]:
             cluster.shutdown()
 
 
+def cql_script(host: str, port: int, statements: Sequence[str]) -> str:
+    """Run statements in order through this node only (QUORUM, SERIAL for conditional
+    ones); return "" or the first error's text."""
+    if not tcp_open(host, port):
+        return f"nothing listens on {host}:{port}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster_mod, policies = _quiet_driver()
+        consistency = importlib.import_module("cassandra").ConsistencyLevel
+        profile = cluster_mod.ExecutionProfile(
+            load_balancing_policy=policies.WhiteListRoundRobinPolicy([host]),
+            request_timeout=15, consistency_level=consistency.QUORUM,
+            serial_consistency_level=consistency.SERIAL,
+        )
+        cluster = cluster_mod.Cluster(
+            [host], port=port, connect_timeout=5, control_connection_timeout=5,
+            execution_profiles={cluster_mod.EXEC_PROFILE_DEFAULT: profile},
+        )
+        try:
+            session = cluster.connect()
+            for statement in statements:
+                session.execute(statement)
+            return ""
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            cluster.shutdown()
+
+
 def probe_cql(host: str, port: int) -> tuple[str | None, str]:
     """Run SELECT release_version FROM system.local; return (version, error text)."""
     rows, error = cql_rows(host, port, "SELECT release_version FROM system.local")
@@ -214,6 +243,20 @@ class CassandraServer(Server):
         return None if rows is None else len(rows)
 
     # -- config
+    def conditional_write(self, replicas: int, attempt: int) -> str:
+        """One lightweight transaction through this node on a keyspace replicated to
+        ``replicas`` nodes: "" when it went through. A cluster that has just formed can
+        see every peer and still time out Paxos rounds for a while."""
+        return cql_script(self.host, self.node.cql_port, [
+            "CREATE KEYSPACE IF NOT EXISTS localservers_probe WITH replication = "
+            f"{{'class': 'NetworkTopologyStrategy', 'datacenter1': {replicas}}}",
+            "CREATE TABLE IF NOT EXISTS localservers_probe.paxos (k text PRIMARY KEY, v int)",
+            f"INSERT INTO localservers_probe.paxos (k, v) VALUES ('{self.name}', {attempt}) "
+            "IF NOT EXISTS",
+            f"UPDATE localservers_probe.paxos SET v = {attempt + 1} WHERE k = '{self.name}' "
+            "IF v != -1",
+        ])
+
     def yaml_text(self) -> str:
         n = self.node
         if n.join_without_bootstrap:

@@ -169,9 +169,11 @@ class ClusterSettings:
 
     def env_lines(self) -> list[str]:
         hosts = ",".join(f"{host}:{self.cql_port}" for host in CLUSTER_CASSANDRA_HOSTS)
+        nodes = ",".join(f"{LOOPBACK}:{port}" for port in self.redis_ports())
         return [
             f"FEEDSVC_CASSANDRA_HOSTS={hosts}",
-            f"FEEDSVC_REDIS_URL=redis://{LOOPBACK}:{self.redis_port}/0",
+            # Every node, so a client starts (and re-discovers) from any that answers.
+            f"FEEDSVC_REDIS_URL=redis://{nodes}/0",
             "FEEDSVC_REDIS_CLUSTER=true",
             f"FEEDSVC_REPLICATION={CLUSTER_REPLICATION}",
         ]
