@@ -27,6 +27,7 @@ from tests.conftest import MakeApi
 from tests.fakes import twilio as twilio_fake
 from tests.fakes.suite import EMAIL_FROM, running_fakes
 from tests.test_delivery import Setup, register
+from tests.test_hostile import raw_request
 
 PUBLIC = "https://feed.example.com"
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -50,6 +51,11 @@ def test_signatures_match_the_published_examples() -> None:
                             (1614265330, "v1," + signature[4:].lower(), body)]:
         with pytest.raises(Forbidden):
             check_webhook(key, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", sig, sent, when)
+    # Header bytes that are not UTF-8 reach us as surrogates: refused, not a 500.
+    for webhook_id, sig in [("msg_\udcff", signature), ("msg_p5jXN8AQM9LWM0D4loKWxJek",
+                                                         "v1,\udcff")]:
+        with pytest.raises(Forbidden):
+            check_webhook(key, webhook_id, "1614265330", sig, body, 1614265330)
 
 
 def test_statuses_move_forward_only() -> None:
@@ -159,6 +165,12 @@ async def test_twilio_bad_input_is_4xx_and_changes_nothing(setup: Setup) -> None
     response = await s.api.client.post(path, data=b"MessageSid=x",
                                        headers={"Content-Type": _FORM})
     assert response.status == 403  # no signature at all
+    for header in (b"X-Twilio-Signature: \xff\xfe", b"X-Twilio-Signature: \xc3\xa9"):
+        status, body = await raw_request(s.api, (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {_FORM}\r\n"
+            "Content-Length: 12\r\nConnection: close\r\n").encode() + header +
+            b"\r\n\r\nMessageSid=x")
+        assert (status, body["error"]["code"]) == (403, "bad_signature"), header
     assert (await s.deliveries(event_id, fan))[("sms", "sms")]["status"] == "sent"
     contacts = (await s.call("GET", f"/v1/users/{fan}/contacts"))[1]
     assert contacts["phone_active"] is True

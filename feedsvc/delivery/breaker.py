@@ -62,6 +62,7 @@ class CircuitBreaker:
         self.state: BreakerState = "closed"
         self.consecutive = 0
         self.calls: deque[tuple[float, bool]] = deque()  # (when, ok) within the window
+        self.failed = 0  # failures among ``calls``, kept as calls come and go (O(1) a call)
         self.opened_at: float | None = None
         self.probing = False
         self.transitions = 0
@@ -77,6 +78,7 @@ class CircuitBreaker:
         elif state == "closed":
             self.opened_at = None
             self.calls.clear()
+            self.failed = 0
             self.consecutive = 0
         self.probing = False
 
@@ -111,12 +113,13 @@ class CircuitBreaker:
         if self.state == "open":  # a call allowed before it opened, answered late
             return
         self.calls.append((now, ok))
+        self.failed += not ok
         while self.calls and self.calls[0][0] <= now - self.config.window_s:
-            self.calls.popleft()
+            self.failed -= not self.calls.popleft()[1]
         self.consecutive = 0 if ok else self.consecutive + 1
-        failed = sum(1 for _, good in self.calls if not good)
         if self.consecutive >= self.config.failures or (
-                len(self.calls) >= MIN_CALLS and failed / len(self.calls) >= self.config.ratio):
+                len(self.calls) >= MIN_CALLS
+                and self.failed / len(self.calls) >= self.config.ratio):
             self._to("open", now)
 
     def abandon(self) -> None:
@@ -125,9 +128,8 @@ class CircuitBreaker:
         self.probing = False
 
     def statistics(self) -> BreakerStatistics:
-        failed = sum(1 for _, good in self.calls if not good)
         return BreakerStatistics(self.name, self.state, self.consecutive, len(self.calls),
-                                 failed, self.opened_at, self.retry_at(), self.transitions,
+                                 self.failed, self.opened_at, self.retry_at(), self.transitions,
                                  self.rejected)
 
 

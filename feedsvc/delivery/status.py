@@ -72,7 +72,9 @@ def check_twilio(signature: str | None, url: str, params: Iterable[tuple[str, st
                  auth_token: str) -> None:
     """Raise Forbidden unless ``signature`` is Twilio's for this request."""
     expected = twilio_signature(url, params, auth_token)
-    if not signature or not hmac.compare_digest(signature.encode(), expected.encode()):
+    # aiohttp hands undecodable header bytes on as surrogates: refuse them before encoding.
+    if not signature or not signature.isascii() or not hmac.compare_digest(
+            signature.encode(), expected.encode()):
         raise Forbidden("X-Twilio-Signature does not match this request", code="bad_signature")
 
 
@@ -94,6 +96,8 @@ def check_webhook(key: bytes, webhook_id: str | None, timestamp: str | None,
     if not webhook_id or not timestamp or not signatures:
         raise Forbidden("webhook-id, webhook-timestamp and webhook-signature are required",
                         code="bad_signature")
+    if not (webhook_id.isascii() and signatures.isascii()):
+        raise Forbidden("webhook-id and webhook-signature must be ASCII", code="bad_signature")
     if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
         raise Forbidden("webhook-timestamp must be integer Unix seconds", code="bad_signature")
     if abs(now_s - int(timestamp)) > TOLERANCE_S:
