@@ -359,8 +359,13 @@ async def test_exhausted_retries_fall_back_for_high_priority_only(stubborn: Poli
     high = await api.post_ok(author, priority="high", notify=notify)
     medium = await api.post_ok(author, notify=notify)
     await s.settle(step_s=5)
-    for event_id in (high, medium):
-        record = (await s.deliveries(event_id, fan))[("push", "android")]
-        assert (record["status"], record["reason"]) == ("dead", "exhausted")
+    high_log = (await s.deliveries(high, fan))[("push", "android")]
+    assert (high_log["status"], high_log["reason"]) == ("failed", "exhausted_fell_back")
+    medium_log = (await s.deliveries(medium, fan))[("push", "android")]
+    assert (medium_log["status"], medium_log["reason"]) == ("dead", "exhausted")
     assert set(s.fakes.smtp.ledger.accepted) == {f"{high}:{fan}:email:email"}
+    # Only the delivery that did not fall back is in the dead letters: replaying them all
+    # cannot reach the user on push after the fallback email.
+    letters = (await s.call("GET", "/v1/dlq"))[1]["items"]
+    assert [item["key"] for item in letters] == [f"{medium}:{fan}:push:android"]
     assert api.rt.breakers.statistics()["fcm"].state == "closed"

@@ -314,8 +314,12 @@ async def _not_sent(rt: Runtime, task: ChannelTask, target: Target, exc: Excepti
     if isinstance(exc, ProviderUnavailable):
         attempts += 1
         if attempts >= rt.settings.delivery_max_attempts:
-            await _dead(rt, task, target, "exhausted", str(exc), attempts)
-            await fall_back(rt, task)
+            # A delivery that fell back is not also buried: replaying it from the dead
+            # letters would then reach the user a second time, on the original channel.
+            if await fall_back(rt, task):
+                await _log(rt, task, target.target, "failed", "exhausted_fell_back", attempts)
+            else:
+                await _dead(rt, task, target, "exhausted", str(exc), attempts)
             return
         await _log(rt, task, target.target, "scheduled", exc.detail[:200], attempts)
         await _reschedule(rt, task, target, attempts, retry_delay(attempts, exc.retry_after))
