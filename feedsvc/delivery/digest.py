@@ -54,6 +54,7 @@ class Held(msgspec.Struct, frozen=True, array_like=True):
     title: str
 
 
+QUIET_HOURS_MAX_S = 24 * 3600  # the longest a quiet-hours window can delay a digest
 _encoder = msgspec.msgpack.Encoder()
 _held = msgspec.msgpack.Decoder(Held)
 
@@ -69,7 +70,9 @@ async def hold_over_limit(rt: Runtime, task: ChannelTask) -> bool:
     now = rt.now_ms()
     window = rate_window(rate, now)
     key = window.key(task.user_id, task.channel)
-    keep_s = (window.end_ms - now) / 1000 + rate.period_s  # past the digest's run
+    # Past the digest's run, which quiet hours may put off by up to a day: held items that
+    # expired before it ran were dropped with it.
+    keep_s = (window.end_ms - now) / 1000 + rate.period_s + QUIET_HOURS_MAX_S
     order = await rt.delivery.policy_state.arrive(key, task.event.event_id, keep_s)
     if not over_limit(order, rate):
         return False
