@@ -54,15 +54,19 @@ class ErasedCache:
     def __init__(self) -> None:
         self.value: dict[str, int] = {}
         self.expires = 0.0
+        # Erasures made by this process, merged into every read: a refresh whose query
+        # started before the tombstone was written must not drop one.
+        self.local: dict[str, int] = {}
 
     async def get(self, rt: Runtime) -> dict[str, int]:
         now = time.monotonic()
         if now >= self.expires:
-            self.value = await rt.policy.erasures.erased()
             self.expires = now + self.ERASED_TTL_S
+            self.value = {**await rt.policy.erasures.erased(), **self.local}
         return self.value
 
     def add(self, user_id: str, erased_at: int) -> None:
+        self.local[user_id] = erased_at
         self.value = {**self.value, user_id: erased_at}
 
     async def refuse(self, rt: Runtime, *user_ids: str) -> None:

@@ -90,8 +90,9 @@ async def handle(rt: Runtime, envelope: Envelope, providers: Providers,
     window's digest, an escalation check, a page of a notify fan-out, or fan-out work."""
     task = envelope.task
     if isinstance(task, ChannelTask):
-        if task.user_id in await rt.erased.get(rt):
-            return  # erased meanwhile: nothing is sent to them (feedsvc/erasure.py)
+        erased = await rt.erased.get(rt)
+        if task.user_id in erased or task.event.author_id in erased:
+            return  # erased meanwhile: nothing is sent to them, or of theirs (erasure.py)
         if not await digest.hold_over_limit(rt, task):
             await send.deliver(rt, task, providers, holder)
     elif isinstance(task, DigestTask):
