@@ -75,7 +75,8 @@ async def request_erasure(rt: Runtime, user_id: str) -> ErasureStatus:
     status = msgspec.structs.replace(status, updated_at=now)
     await erasures.set_pending(user_id, True)
     await erasures.put_status(status)
-    await rt.queue.enqueue("medium", Envelope(EraseTask(user_id, status.step), now))
+    await rt.queue.enqueue("medium", Envelope(
+        EraseTask(user_id, status.step, status.generation), now))
     return status
 
 
@@ -88,8 +89,11 @@ async def resume_stalled(rt: Runtime, stalled_ms: int = STALLED_MS) -> int:
         if status is None or status.state == "done":
             await erasures.set_pending(user_id, False)
         elif now - status.updated_at >= stalled_ms:
-            await erasures.put_status(msgspec.structs.replace(status, updated_at=now))
-            await rt.queue.enqueue("medium", Envelope(EraseTask(user_id, status.step), now))
+            status = msgspec.structs.replace(status, updated_at=now,
+                                             generation=status.generation + 1)
+            await erasures.put_status(status)
+            await rt.queue.enqueue("medium", Envelope(
+                EraseTask(user_id, status.step, status.generation), now))
             resumed += 1
     return resumed
 
@@ -98,8 +102,10 @@ async def erase_step(rt: Runtime, task: EraseTask) -> None:
     """One batch of ``task.step``; then the next batch's task (or the next step's)."""
     erasures = rt.policy.erasures
     status = await erasures.status(task.user_id)
-    if status is None or status.state == "done" or task.step not in STEPS:
-        return  # an old task of a finished erasure, or one this version does not know
+    if (status is None or status.state == "done" or task.step not in STEPS
+            or task.generation != status.generation):
+        return  # an old task: of a finished erasure, of a chain replaced when it seemed
+        # stalled, or of a step this version does not know
     removed = await _BATCHES[task.step](rt, task.user_id)
     step = task.step
     if removed == 0:
@@ -112,7 +118,8 @@ async def erase_step(rt: Runtime, task: EraseTask) -> None:
         updated_at=rt.now_ms(), removed=counts)
     await erasures.put_status(status)
     if step != "done":
-        await rt.queue.enqueue("medium", Envelope(EraseTask(task.user_id, step), rt.now_ms()))
+        await rt.queue.enqueue("medium", Envelope(
+            EraseTask(task.user_id, step, status.generation), rt.now_ms()))
     else:
         await erasures.set_pending(task.user_id, False)
         log.info("user %s erased: %s", task.user_id, counts)

@@ -257,6 +257,7 @@ class EraseTask(msgspec.Struct, tag="erase", frozen=True):
 
     user_id: str
     step: str
+    generation: int = 0  # the job's (ErasureStatus.generation) when this task was queued
 
 
 Task = (FanoutTask | BackfillTask | UnmergeTask | NotifyTask | ChannelTask | EraseTask

@@ -12,7 +12,7 @@ import pytest
 from feedsvc import erasure
 from feedsvc.delivery.notify import claim_key
 from feedsvc.delivery.providers.registry import open_providers
-from feedsvc.model import ChannelTask, Envelope
+from feedsvc.model import ChannelTask, Envelope, EraseTask
 from tests.conftest import MakeApi
 from tests.fakes.suite import running_fakes
 from tests.test_delivery import Setup, register
@@ -180,3 +180,23 @@ async def test_a_job_whose_queue_entry_was_lost_is_resumed(setup: Setup) -> None
     assert (await s.call("GET", f"/v1/users/{victim}/erasure"))[1]["state"] == "done"
     assert (await s.call("GET", f"/v1/users/{author}"))[1]["followers"] == 0
     assert victim not in await rt.policy.erasures.pending()
+
+
+async def test_a_slow_chain_taken_for_a_lost_one_stops(setup: Setup) -> None:
+    """A job queued again because it looked stalled replaces its chain: a task of the old
+    chain, still queued somewhere, does nothing, so two chains never run side by side."""
+    s, api, rt = setup, setup.api, setup.api.rt
+    victim, author = api.user("victim"), api.user("author")
+    await api.follow(victim, author)
+    assert (await s.call("DELETE", f"/v1/users/{victim}"))[0] == 202
+    before = await rt.policy.erasures.status(victim)
+    assert before is not None and before.generation == 0
+    assert await erasure.resume_stalled(rt, stalled_ms=0) == 1  # the first task still queued
+    after = await rt.policy.erasures.status(victim)
+    assert after is not None and after.generation == 1
+    await erasure.erase_step(rt, EraseTask(victim, before.step, 0))  # the old chain's task
+    assert await rt.policy.erasures.status(victim) == after  # did nothing
+    await s.deliver_all()
+    final = await rt.policy.erasures.status(victim)
+    assert final is not None and final.state == "done" and final.generation == 1
+    assert (await s.call("GET", f"/v1/users/{author}"))[1]["followers"] == 0

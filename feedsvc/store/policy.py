@@ -74,6 +74,9 @@ class ErasureStatus(msgspec.Struct, frozen=True):
     requested_at: int  # epoch ms
     updated_at: int
     removed: dict[str, int] = msgspec.field(default_factory=dict)  # per kind of data
+    # Bumped when a stalled job is queued again: tasks of an older chain then stop, so a
+    # slow batch taken for a lost one never leaves two chains running.
+    generation: int = 0
 
 
 class Erasures(Protocol):
