@@ -10,11 +10,14 @@ author's recent events for a new follower, and removal of an unfollowed author's
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
-from feedsvc.errors import Unprocessable
+from feedsvc.errors import RetryableError, Unprocessable
 from feedsvc.model import BackfillTask, Envelope, Mode, Priority, UnmergeTask
 from feedsvc.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 DEMOTE_RATIO = 0.9  # a pull author returns to push only below 90% of the threshold
 _BULK_CONCURRENCY = 64
@@ -40,7 +43,11 @@ async def refresh_mode(rt: Runtime, author_id: str) -> Mode:
             # New followers get no backfill from here on: readers must pull this author's
             # retained events at once, before its first pull-routed event.
             await rt.store.touch_pull_author(author_id, rt.settings.retention_ms // 1000)
-        await rt.notices.pull_set_changed()  # readers' cached pull sets are stale now
+        try:  # readers' cached pull sets are stale now
+            await rt.notices.pull_set_changed()
+        except RetryableError as exc:  # intake must not fail on it: the TTL bounds it
+            log.warning("author %s changed mode; readers see it within "
+                        "FEEDSVC_PULL_SET_TTL: %s", author_id, exc)
     return mode
 
 
