@@ -104,10 +104,10 @@ async def end_to_end(env: Env, rt: Runtime, fcm: str, credentials: Path, token: 
         proc_env = env.process_env(rt.settings, port)
         proc_env.update({"FEEDSVC_FCM_PROJECT_ID": PROJECT, "FEEDSVC_FCM_URL": fcm,
                          "FEEDSVC_FCM_CREDENTIALS": str(credentials)})
-        workers = [(["worker", "--concurrency", str(concurrency), "--senders", str(senders)],
-                    proc_env)
+        workers = [(["worker", "--processes", "1", "--concurrency", str(concurrency),
+                     "--senders", str(senders)], proc_env)
                    for _ in range(count)]
-        with processes([(["api"], proc_env), *workers]):
+        with processes([(["api", "--processes", "1"], proc_env), *workers]):
             await wait_http(f"{url}/readyz")
             await asyncio.sleep(2.0)  # workers connected
             before = fake_accepted(fcm)
@@ -140,9 +140,9 @@ async def enqueue_time(env: Env, rt: Runtime, audience: int) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc_env = env.process_env(rt.settings, port)
-    with processes([(["api"], proc_env),
-                    (["worker", "--queues", "fanout", "--concurrency", "4", "--senders", "0"],
-                     proc_env)]):
+    with processes([(["api", "--processes", "1"], proc_env),
+                    (["worker", "--processes", "1", "--queues", "fanout", "--concurrency", "4",
+                      "--senders", "0"], proc_env)]):
         await wait_http(f"{url}/readyz")
         await asyncio.sleep(2.0)
         before = (await rt.queue.stats()).queued.get("push", 0)
