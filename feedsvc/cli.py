@@ -17,7 +17,7 @@ from typing import Any
 
 import uvloop
 
-from feedsvc import logs
+from feedsvc import logs, multiproc
 from feedsvc.config import Settings, add_arguments
 from feedsvc.errors import ConfigError, FeedError
 
@@ -433,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # driver's warnings (node down, reconnecting) as one line each.
         logging.getLogger("cassandra").setLevel(logging.CRITICAL)
     try:
+        if args.command in ("api", "worker") and _processes(settings, args) > 1:
+            multiproc.enable(sys.argv[1:] if argv is None else argv)  # one /metrics for all
         result: int = args.handler(settings, args)
         return result
     except ConfigError as exc:

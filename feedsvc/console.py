@@ -93,6 +93,16 @@ def render(status: ServiceStatus) -> RenderableType:
                           f"{p.tasks:,}")
 
     parts: list[RenderableType] = [overview, streams, backends, processes]
+    if status.breakers:
+        breakers = Table(title="provider breakers (processes in each state)", box=box.SIMPLE,
+                         title_justify="left")
+        for column in ("provider", "closed", "open", "half open"):
+            breakers.add_column(column)
+        for b in status.breakers:
+            breakers.add_row(b.provider, str(b.closed),
+                             Text(str(b.open), style="bold red" if b.open else ""),
+                             str(b.half_open))
+        parts.append(breakers)
     if status.deliveries:
         deliveries = Table(title="deliveries", box=box.SIMPLE, title_justify="left")
         for column in ("channel", "provider", "outcome", "total", "now"):

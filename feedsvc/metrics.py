@@ -35,6 +35,7 @@ import asyncio
 import functools
 import inspect
 import itertools
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -69,10 +70,14 @@ if TYPE_CHECKING:
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: they double every counter's series
 
+# Set (by ``feedsvc.multiproc``) when ``--processes N`` runs several processes: values are
+# kept in files there and a scrape adds up every process's.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 REGISTRY = CollectorRegistry(auto_describe=True)
-ProcessCollector(registry=REGISTRY)
-PlatformCollector(registry=REGISTRY)
-GCCollector(registry=REGISTRY)
+if not MULTIPROCESS_DIR:  # these read the process itself: one process's, never a sum
+    ProcessCollector(registry=REGISTRY)
+    PlatformCollector(registry=REGISTRY)
+    GCCollector(registry=REGISTRY)
 
 QUEUES = ("fanout", "push", "sms", "email")
 PRIORITIES = ("high", "medium", "low")
@@ -94,21 +99,22 @@ HTTP_LATENCY = Histogram("feedsvc_http_request_duration_seconds",
                          registry=REGISTRY)
 QUEUE_DEPTH = Gauge("feedsvc_queue_depth", "Entries in a stream not yet acknowledged "
                     "(pending ones included; scheduled retries not)", ["queue", "priority"],
-                    registry=REGISTRY)
+                    registry=REGISTRY, multiprocess_mode="mostrecent")
 QUEUE_PENDING = Gauge("feedsvc_queue_pending", "Entries handed to a consumer and not yet "
-                      "acknowledged", ["queue", "priority"], registry=REGISTRY)
+                      "acknowledged", ["queue", "priority"], registry=REGISTRY,
+                      multiprocess_mode="mostrecent")
 QUEUE_OLDEST = Gauge("feedsvc_queue_oldest_age_seconds", "Age of the oldest entry not yet "
                      "acknowledged (0 when the stream is empty)", ["queue", "priority"],
-                     registry=REGISTRY)
+                     registry=REGISTRY, multiprocess_mode="mostrecent")
 QUEUE_SCHEDULED = Gauge("feedsvc_queue_scheduled", "Delivery retries waiting for their time",
-                        registry=REGISTRY)
+                        registry=REGISTRY, multiprocess_mode="mostrecent")
 DEAD_LETTERS_STORED = Gauge("feedsvc_dead_letters_stored", "Dead letters kept now, all queues",
-                            registry=REGISTRY)
+                            registry=REGISTRY, multiprocess_mode="mostrecent")
 QUEUE_SHED = Gauge("feedsvc_queue_shed_count", "Low-priority entries shed, as the queue "
                    "counts them (all processes, since the queue was created)",
-                   registry=REGISTRY)
+                   registry=REGISTRY, multiprocess_mode="mostrecent")
 BACKEND_UP = Gauge("feedsvc_backend_up", "1 when the store or queue answered the scrape's "
-                   "ping", ["backend"], registry=REGISTRY)
+                   "ping", ["backend"], registry=REGISTRY, multiprocess_mode="mostrecent")
 FANOUT_EVENTS = Counter("feedsvc_fanout_events", "Events fanned out (written to every "
                         "inbox of their audience)", ["route"], registry=REGISTRY)
 INBOX_ROWS = Counter("feedsvc_inbox_rows_written", "Inbox rows written by fan-out and "
@@ -129,6 +135,28 @@ BACKEND_ERRORS = Counter("feedsvc_backend_request_errors", "Calls of the store o
                          "adapter that failed", ["backend", "op"], registry=REGISTRY)
 DELIVERIES = Counter("feedsvc_deliveries", "Notification deliveries by outcome",
                      ["channel", "provider", "outcome"], registry=REGISTRY)
+BREAKER_STATE = Gauge("feedsvc_breaker_state", "1 for the state a provider's circuit breaker "
+                      "is in (this process's breaker)", ["provider", "state"],
+                      registry=REGISTRY, multiprocess_mode="liveall")
+BREAKER_REJECTED = Counter("feedsvc_breaker_rejected", "Provider calls failed fast by an open "
+                           "breaker", ["provider"], registry=REGISTRY)
+BREAKER_TRANSITIONS = Counter("feedsvc_breaker_transitions", "Breaker state changes",
+                              ["provider"], registry=REGISTRY)
+READ_CACHE = Counter("feedsvc_read_cache_lookups", "Read-path cache lookups: celebrity heads "
+                     "and following lists (feedsvc/readcache.py)", ["cache", "result"],
+                     registry=REGISTRY)
+READ_CACHE_ENTRIES = Gauge("feedsvc_read_cache_entries", "Entries the read caches hold",
+                           ["cache"], registry=REGISTRY, multiprocess_mode="livesum")
+PROCESS_CPU = Gauge("feedsvc_process_cpu_seconds", "CPU time this feedsvc process used",
+                    registry=REGISTRY, multiprocess_mode="liveall")
+PROCESS_MEMORY = Gauge("feedsvc_process_resident_memory_bytes", "Resident memory of this "
+                       "feedsvc process", registry=REGISTRY, multiprocess_mode="liveall")
+BREAKER_STATES = ("closed", "open", "half_open")
+# The read caches' counters (``ReadStatistics``) as (cache, result) of the lookups metric.
+_READ_COUNTS = {"head_hits": ("head", "hit"), "head_misses": ("head", "miss"),
+                "following_hits": ("following", "hit"),
+                "following_misses": ("following", "miss"),
+                "following_bypassed": ("following", "bypassed")}
 
 
 def _zeros() -> None:
@@ -145,8 +173,16 @@ def _zeros() -> None:
         FANOUT_EVENTS.labels(route)
     for channel, providers in DELIVERY_PROVIDERS.items():
         for provider in providers:
+            BREAKER_REJECTED.labels(provider)
+            for state in BREAKER_STATES:  # a breaker not made yet is closed
+                BREAKER_STATE.labels(provider, state).set(1 if state == "closed" else 0)
+            BREAKER_TRANSITIONS.labels(provider)
             for outcome in DELIVERY_OUTCOMES:
                 DELIVERIES.labels(channel, provider, outcome)
+    for cache, result in _READ_COUNTS.values():
+        READ_CACHE.labels(cache, result)
+    for cache in ("head", "following"):
+        READ_CACHE_ENTRIES.labels(cache)
 
 
 _zeros()
@@ -290,6 +326,7 @@ def http_middleware(access_log: bool) -> Middleware:
 async def refresh(rt: Runtime) -> None:
     """Read the queue's figures and ping the store and the queue into the gauges (each
     process's scrape reads the shared queue)."""
+    observe_runtime(rt)
     store_name, queue_name = backend_names(rt)
     queue_up = 1
     try:
@@ -313,6 +350,56 @@ async def refresh(rt: Runtime) -> None:
         BACKEND_UP.labels(store_name).set(0)
 
 
+_seen: dict[tuple[str, ...], float] = {}  # counters read from the runtime, as last added
+
+
+def _add_since(counter: Any, key: tuple[str, ...], now: float) -> None:
+    """Add to ``counter`` what a plain counter of the runtime grew by since last read."""
+    before = _seen.get(key, 0.0)
+    if now > before:
+        counter.inc(now - before)
+    _seen[key] = now
+
+
+def observe_runtime(rt: Runtime) -> None:
+    """This process's read caches, breakers, CPU and memory into their metrics (each
+    process does it every few seconds, ``feedsvc.ops.reporting``, and at a scrape)."""
+    reads = rt.reads.statistics()
+    source = str(id(rt.reads))  # one runtime's caches (a test process makes many)
+    for field, (cache, result) in _READ_COUNTS.items():
+        _add_since(READ_CACHE.labels(cache, result), (source, field), getattr(reads, field))
+    READ_CACHE_ENTRIES.labels("head").set(reads.heads)
+    READ_CACHE_ENTRIES.labels("following").set(reads.following_lists)
+    for provider, breaker in rt.breakers.statistics().items():
+        for state in BREAKER_STATES:
+            BREAKER_STATE.labels(provider, state).set(1 if breaker.state == state else 0)
+        source = str(id(rt.breakers))
+        _add_since(BREAKER_REJECTED.labels(provider), (source, "rejected", provider),
+                   breaker.rejected)
+        _add_since(BREAKER_TRANSITIONS.labels(provider), (source, "transitions", provider),
+                   breaker.transitions)
+    PROCESS_CPU.set(time.process_time())
+    PROCESS_MEMORY.set(_resident_bytes())
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def process_ended() -> None:
+    """Forget this process's live gauges (multiprocess mode), as it stops."""
+    if MULTIPROCESS_DIR:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid(), MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
+
+
 def backend_names(rt: Runtime) -> tuple[str, str]:
     """(store, queue) as the ``backend`` label names them."""
     if rt.settings.embedded:
@@ -321,8 +408,15 @@ def backend_names(rt: Runtime) -> tuple[str, str]:
 
 
 def exposition() -> tuple[bytes, str]:
-    """The registry in the Prometheus text format, and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    """The registry in the Prometheus text format, and its content type: this process's,
+    or in multiprocess mode every process's, added up."""
+    if not MULTIPROCESS_DIR:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    every = CollectorRegistry()
+    MultiProcessCollector(every, MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
+    return generate_latest(every), CONTENT_TYPE_LATEST
 
 
 async def metrics_response(rt: Runtime) -> web.Response:

@@ -103,6 +103,15 @@ class DeliveryOut(msgspec.Struct):
     per_s: float
 
 
+class BreakerOut(msgspec.Struct):
+    """A provider's circuit breakers: how many processes have theirs in each state."""
+
+    provider: str
+    closed: int
+    open: int
+    half_open: int
+
+
 class ServiceStatus(msgspec.Struct):
     """``GET /v1/status``: the whole service as the processes and the backends report it."""
 
@@ -118,6 +127,7 @@ class ServiceStatus(msgspec.Struct):
     dependencies: list[DependencyOut]
     processes: list[ProcessOut]
     deliveries: list[DeliveryOut]
+    breakers: list[BreakerOut]
 
 
 # --- one process's report ---------------------------------------------------------------
@@ -138,6 +148,7 @@ class ProcessReport(msgspec.Struct):
     bounds: list[float]  # the latency histogram's upper bounds (+Inf implied)
     window: list[float]  # events per bucket over the latency window (len(bounds) + 1)
     window_s: float
+    breakers: list[tuple[str, str]] = []  # (provider, state) of this process's breakers
 
 
 _report_decoder = msgspec.msgpack.Decoder(ProcessReport)
@@ -212,7 +223,8 @@ class Reporter:
             self.id, self.role, socket.gethostname(), os.getpid(), self.started_at,
             rt.health.expected, min(alive, rt.health.expected), list(self.queues),
             latest.totals, rates, deliveries, list(metrics.VISIBLE_BUCKETS), window,
-            latest.at - old.at)
+            latest.at - old.at,
+            [(name, b.state) for name, b in rt.breakers.statistics().items()])
 
 
 REPORTER = Reporter()
@@ -228,6 +240,7 @@ async def reporting(rt: Runtime, role: str, queues: Sequence[str] = ()) -> Async
     async def loop() -> None:
         failing = False
         while True:
+            metrics.observe_runtime(rt)  # read caches, breakers, CPU (multiprocess mode)
             try:
                 await rt.queue.put_report(REPORTER.id,
                                           msgspec.msgpack.encode(REPORTER.report(rt)))
@@ -245,8 +258,9 @@ async def reporting(rt: Runtime, role: str, queues: Sequence[str] = ()) -> Async
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        with contextlib.suppress(RetryableError):
+        with contextlib.suppress(RetryableError, TimeoutError):
             await asyncio.wait_for(rt.queue.drop_report(REPORTER.id), PING_TIMEOUT_S)
+        metrics.process_ended()
 
 
 # --- the whole service ------------------------------------------------------------------
@@ -319,6 +333,11 @@ async def status(rt: Runtime, *, own: bool = True) -> ServiceStatus:
             figure = deliveries.setdefault((channel, provider, outcome), [0.0, 0.0])
             figure[0] += n
             figure[1] += per_s
+    breakers: dict[str, dict[str, int]] = {}
+    for r in fresh:
+        for provider, state in r.breakers:
+            counts = breakers.setdefault(provider, {"closed": 0, "open": 0, "half_open": 0})
+            counts[state] = counts.get(state, 0) + 1
     processes = [
         ProcessOut(r.id, r.role, r.host, r.pid, round((now - stamp) / 1000, 1),
                    round((now - r.started_at) / 1000, 1), r.consumers, r.consumers_alive,
@@ -335,7 +354,9 @@ async def status(rt: Runtime, *, own: bool = True) -> ServiceStatus:
             int(sum(window)), LATENCY_WINDOW_S),
         dependencies=dependencies, processes=processes,
         deliveries=[DeliveryOut(c, p, o, int(n), round(per_s, 3))
-                    for (c, p, o), (n, per_s) in sorted(deliveries.items())])
+                    for (c, p, o), (n, per_s) in sorted(deliveries.items())],
+        breakers=[BreakerOut(provider, c["closed"], c["open"], c["half_open"])
+                  for provider, c in sorted(breakers.items())])
 
 
 def _rounded(value: float | None) -> float | None:

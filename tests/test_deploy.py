@@ -93,5 +93,6 @@ def test_the_dashboard_shows_the_figures_of_the_issue() -> None:
                  "feedsvc_inbox_rows_written_total", "feedsvc_post_to_visible_seconds_bucket",
                  "feedsvc_dead_letters_total", "feedsvc_shed_events_total",
                  "feedsvc_backend_request_duration_seconds_bucket",
-                 "feedsvc_backend_request_errors_total", "feedsvc_deliveries_total"):
+                 "feedsvc_backend_request_errors_total", "feedsvc_deliveries_total",
+                 "feedsvc_breaker_state", "feedsvc_read_cache_lookups_total"):
         assert name in queried, name

@@ -289,9 +289,10 @@ async def test_real_api_and_worker_report_events_as_they_flow(
     # No outbox sweeps: on Cassandra the session's keyspace holds other tests' events, which
     # a sweeping worker would fan out here too.
     worker_env = process_env(rt.settings, FEEDSVC_SWEEP_AFTER="6h")
-    with feedsvc(["api"], api_env, tmp_path / "api.log", api_port) as api, \
-            feedsvc(["worker", "--concurrency", "2", "--metrics-port", str(metrics_port)],
-                    worker_env, tmp_path / "worker.log", metrics_port) as worker:
+    with feedsvc(["api", "--processes", "1"], api_env, tmp_path / "api.log", api_port) as api, \
+            feedsvc(["worker", "--processes", "1", "--concurrency", "2", "--metrics-port",
+                     str(metrics_port)], worker_env, tmp_path / "worker.log",
+                    metrics_port) as worker:
         # /metrics: the key's rule on both.
         for url in (api.url, worker.url):
             assert (await asyncio.to_thread(get, url + "/metrics", None))[0] == 401
@@ -370,3 +371,75 @@ async def test_real_api_and_worker_report_events_as_they_flow(
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
     # The worker left the status when it stopped.
     assert worker.process.pid not in {p.pid for p in (await ops.status(rt)).processes}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_runtime", ["cassandra"], indirect=True)
+async def test_several_processes_answer_for_all(make_runtime: MakeRuntime, prefix: str,
+                                                tmp_path: Path) -> None:
+    """``--processes 2``: Prometheus' multiprocess mode, so one scrape of the worker's
+    metrics port, or of any API process, adds up every process; each one reports itself to
+    the status."""
+    rt = await make_runtime(celebrity_threshold=1_000)
+    author, fans = f"{prefix}-author", [f"{prefix}-fan{i}" for i in range(2)]
+    await write_graph(rt, iter([(f, author) for f in fans]), progress=False)
+    api_port, metrics_port = free_port(), free_port()
+    env = process_env(rt.settings, FEEDSVC_SWEEP_AFTER="6h")
+    events = [f"{prefix}-ev{i}" for i in range(8)]
+    with feedsvc(["api", "--processes", "2"], {**env, "FEEDSVC_PORT": str(api_port)},
+                 tmp_path / "api.log", api_port) as api, \
+            feedsvc(["worker", "--processes", "2", "--concurrency", "1", "--senders", "0",
+                     "--metrics-port", str(metrics_port)], env, tmp_path / "worker.log",
+                    metrics_port) as worker:
+        async with FeedClient(api.url, credential=SERVICE_KEY) as client:
+            for event_id in events:
+                await client.post_event(EventIn(event_id=event_id, author_id=author,
+                                                kind="post", payload={}))
+
+        def all_fanned_out() -> Any:
+            _, now = scrape(worker.url)
+            done = value(now, "feedsvc_worker_tasks_total", queue="fanout", outcome="done")
+            return now if done >= len(events) else None
+
+        after = await _eventually(all_fanned_out)
+        assert value(after, "feedsvc_fanout_events_total") == len(events)
+        assert value(after, "feedsvc_inbox_rows_written_total") == len(events) * (len(fans) + 1)
+        assert value(after, "feedsvc_post_to_visible_seconds_count") == len(events)
+        pids = {labels for (name, labels) in after if name == "feedsvc_process_cpu_seconds"}
+        assert len(pids) >= 2  # one series per live process (label pid)
+        for _ in range(4):  # whichever API process answers, the posts of both are counted
+            _, scraped = await asyncio.to_thread(scrape, api.url)
+            assert value(scraped, "feedsvc_http_requests_total", route="/v1/events",
+                         status="202") == len(events)
+
+        def both_workers() -> ServiceStatus | None:
+            status = _status.decode(get(api.url + "/v1/status")[1])
+            workers = [p for p in status.processes if p.role == "worker"]
+            apis = [p for p in status.processes if p.role == "api"]
+            return status if len(workers) == 2 and len(apis) == 2 else None
+
+        status = await _eventually(both_workers)
+        assert sum(p.fanout_events for p in status.processes) == len(events)
+        assert worker.process.pid not in {p.pid for p in status.processes}  # the children
+    leftovers = [line for line in worker.log_text().splitlines() if "Traceback" in line]
+    assert not leftovers, worker.log_text()[-3000:]
+
+
+async def test_read_cache_and_breaker_metrics(make_api: MakeApi) -> None:
+    api = await make_api()
+    author, reader = api.user("author"), api.user("reader")
+    await api.follow(reader, author)
+    before = samples_now()
+    for _ in range(3):
+        await api.page(reader)
+    breaker = api.rt.breakers.get("fcm")
+    for _ in range(10):
+        breaker.record(False, time.monotonic())
+    response = await api.client.get("/metrics", headers=api.service)
+    after = parse(await response.text())
+    assert value(after, "feedsvc_read_cache_lookups_total") > value(
+        before, "feedsvc_read_cache_lookups_total")
+    assert value(after, "feedsvc_breaker_state", provider="fcm", state="open") == 1
+    assert value(after, "feedsvc_breaker_state", provider="fcm", state="closed") == 0
+    status = await ops.status(api.rt)
+    assert [(b.provider, b.open) for b in status.breakers] == [("fcm", 1)]

@@ -84,7 +84,8 @@ def openapi_paths(op: Any) -> dict[str, Any]:
 async def metrics_server(rt: Runtime, host: str, port: int | None) -> AsyncIterator[None]:
     """``GET /metrics`` (and ``/healthz``) of a process without the API, a worker, on
     ``host:port`` while the block runs; nothing when ``port`` is None. The same rule as
-    the API's: the service key unless ``FEEDSVC_METRICS_PUBLIC=true``."""
+    the API's: the service key unless ``FEEDSVC_METRICS_PUBLIC=true``. With ``--processes
+    N`` each process listens on the port, and whichever answers adds up all of them."""
     if port is None:
         yield
         return
@@ -112,7 +113,10 @@ async def metrics_server(rt: Runtime, host: str, port: int | None) -> AsyncItera
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        # With --processes N every worker process listens on the port (SO_REUSEPORT) and
+        # any of them answers for all (multiprocess metrics).
+        await web.TCPSite(runner, host, port,
+                          reuse_port=bool(metrics.MULTIPROCESS_DIR) or None).start()
         log.info("metrics on http://%s:%d%s", host, port, METRICS_PATH)
         yield
     finally:
