@@ -1,4 +1,4 @@
-"""``feedsvc`` command line: serve | api | worker | migrate | seed | token | dlq.
+"""``feedsvc`` command line: serve | api | worker | migrate | seed | token | dlq | status.
 
 Every setting is an environment variable (``FEEDSVC_*``) and also a flag; flags win.
 """
@@ -17,6 +17,7 @@ from typing import Any
 
 import uvloop
 
+from feedsvc import logs, multiproc
 from feedsvc.config import Settings, add_arguments
 from feedsvc.errors import ConfigError, FeedError
 
@@ -187,14 +188,19 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         providers.warn_unconfigured()
 
     async def main() -> int:
+        from feedsvc.api.ops import metrics_server
+        from feedsvc.ops import reporting
+
         try:
             async with open_runtime(settings) as rt:
                 freeze_startup_heap()
                 stop = asyncio.Event()
                 try:
-                    done = await run_workers(rt, args.concurrency, stop, burst=args.burst,
-                                             queues=queues, providers=providers,
-                                             senders=args.senders)
+                    async with metrics_server(rt, settings.host, args.metrics_port), \
+                            reporting(rt, "worker", queues):
+                        done = await run_workers(rt, args.concurrency, stop,
+                                                 burst=args.burst, queues=queues,
+                                                 providers=providers, senders=args.senders)
                 finally:
                     stop.set()
                 log.info("worker processed %d entries", done)
@@ -320,6 +326,13 @@ def _set_processes(settings: Settings, args: argparse.Namespace) -> argparse.Nam
     return args
 
 
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from feedsvc.console import run
+
+    return _run(run(settings, url=args.url, key=args.key, watch=args.watch,
+                    interval=args.interval, as_json=args.json))
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -374,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker_p.add_argument("--processes", type=_positive, default=None,
                           help="worker processes, each with --concurrency consumers "
                                "(default: one per core; the embedded backend: 1)")
+    worker_p.add_argument("--metrics-port", type=_positive, default=None,
+                          help="serve GET /metrics (Prometheus) on this port, on FEEDSVC_HOST")
     command("migrate", "apply cql/NNN_*.cql to the keyspace", cmd_migrate,
             ["cassandra_hosts", "keyspace", "replication", "redis_url"])
     seed_p = command("seed", "synthetic follow graph with power-law follower counts", cmd_seed)
@@ -391,22 +406,35 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_p.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (dlq_id)")
     dlq_p.add_argument("--all", action="store_true", help="with replay: every dead letter")
     dlq_p.add_argument("--limit", type=_positive, default=20)
+    status_p = command("status", "queues, rates, latencies, dead letters, backends and "
+                       "processes (what GET /status shows)", cmd_status)
+    status_p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status_p.add_argument("--interval", type=float, default=2.0, help="seconds, with --watch")
+    status_p.add_argument("--json", action="store_true", help="print the JSON")
+    status_p.add_argument("--url", default=None,
+                          help="ask a running API (GET /v1/status) instead of the backends")
+    status_p.add_argument("--key", default=None,
+                          help="service key for --url (default: FEEDSVC_SERVICE_KEYS' first)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DriverOneLine())
+    try:
+        settings = Settings.load(os.environ, args)
+    except ConfigError as exc:
+        print(f"feedsvc: configuration error: {exc}", file=sys.stderr)
+        return 2
+    # FEEDSVC_LOG_FORMAT: text (a terminal) or json (one object per line).
+    logs.configure(args.log_level, settings.log_format).addFilter(_DriverOneLine())
     if args.command not in ("serve", "api", "worker"):
         # One-shot commands say themselves what failed; a long-running process keeps the
         # driver's warnings (node down, reconnecting) as one line each.
         logging.getLogger("cassandra").setLevel(logging.CRITICAL)
     try:
-        settings = Settings.load(os.environ, args)
+        if args.command in ("api", "worker") and _processes(settings, args) > 1:
+            multiproc.enable(sys.argv[1:] if argv is None else argv)  # one /metrics for all
         result: int = args.handler(settings, args)
         return result
     except ConfigError as exc:

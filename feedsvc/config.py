@@ -155,6 +155,13 @@ def _bool(text: str) -> bool:
     raise ValueError("use true or false")
 
 
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("use text or json")
+    return value
+
+
 def _consistency(text: str) -> str:
     if text.upper() not in CONSISTENCY_LEVELS:
         raise ValueError(f"use one of {', '.join(CONSISTENCY_LEVELS)}")
@@ -292,6 +299,14 @@ _VARS: tuple[_Var, ...] = (
          "the breaker's sliding window (default 60s)"),
     _Var("breaker_cooldown", "FEEDSVC_BREAKER_COOLDOWN", _positive_duration,
          "how long an open breaker fails fast before a probe call (default 30s)"),
+    # --- operations: metrics, logs ---
+    _Var("metrics_public", "FEEDSVC_METRICS_PUBLIC", _bool,
+         "GET /metrics answers without the service key (a scraper on a private network; "
+         "default false)"),
+    _Var("log_format", "FEEDSVC_LOG_FORMAT", _log_format,
+         "text (default, for a terminal) or json (one object per line)"),
+    _Var("access_log", "FEEDSVC_ACCESS_LOG", _bool,
+         "one log line per HTTP request (default true; benchmarks turn it off)"),
 )
 
 
@@ -366,6 +381,10 @@ class Settings:
     breaker_ratio: float = 0.5
     breaker_window: float = 60.0
     breaker_cooldown: float = 30.0
+    # --- operations ---
+    metrics_public: bool = False
+    log_format: str = "text"
+    access_log: bool = True
 
     @property
     def embedded(self) -> bool:

@@ -24,6 +24,7 @@ import logging
 import random
 from collections.abc import Sequence
 
+from feedsvc import metrics
 from feedsvc.model import (
     BACKFILL_EVENTS,
     FOLLOWER_PAGE,
@@ -68,6 +69,8 @@ async def fan_out(rt: Runtime, event: Event) -> int:
                 written = await deliver_pull(rt, item, ttl)
             else:
                 written = await deliver_push(rt, item, ttl)
+        metrics.fanned_out(event.route, written, event.accepted_at, rt.now_ms())
+        log.debug("event %s fanned out to %d inboxes", event.event_id, written)
         if event.notify is not None:
             # Notifications go out once the event is in every inbox (a first page; the
             # notify fan-out pages on from there, and settles the event in the outbox
@@ -161,6 +164,7 @@ async def backfill(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> None:
             ttl = rt.ttl_left_s(item.created_at)
             if ttl > 0:
                 await rt.store.write_inbox([user_id], item, ttl)
+                metrics.rows_written(1)
 
 
 async def unmerge(rt: Runtime, pairs: Sequence[tuple[str, str]]) -> None:

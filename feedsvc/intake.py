@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from feedsvc import logs
 from feedsvc.errors import InvalidRequest, RetryableError, Unprocessable
 from feedsvc.fanout import write_author_partition
 from feedsvc.graph import refresh_mode
@@ -223,6 +224,7 @@ async def accept(rt: Runtime, raw: bytes) -> tuple[int, Accepted]:
     """Accept one event. Returns (HTTP status, response body); raises ClientError."""
     now = rt.now_ms()
     incoming, body_hash = parse_body(raw)
+    logs.bind(event_id=incoming.event_id)  # the request's log lines name it
     created_at = validate(incoming, now, rt.settings.retention_ms)
     erased = await rt.erased.get(rt)
     if incoming.author_id in erased:

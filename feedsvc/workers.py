@@ -24,7 +24,7 @@ import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from feedsvc import erasure, fanout
+from feedsvc import erasure, fanout, logs, metrics
 from feedsvc.delivery import digest, escalation, notify, send
 from feedsvc.delivery.providers.registry import Providers
 from feedsvc.errors import RetryableError
@@ -113,11 +113,28 @@ async def handle(rt: Runtime, envelope: Envelope, providers: Providers,
         await fanout.handle(rt, envelope)
 
 
+def task_ids(delivery: Delivery) -> dict[str, str | None]:
+    """The ids a task's log lines carry (``feedsvc.logs``)."""
+    task = delivery.envelope.task
+    event = getattr(task, "event", None)
+    return {"entry_id": delivery.entry_id,
+            "event_id": event.event_id if event is not None else None,
+            "user_id": task.user_id if isinstance(task, ChannelTask | EraseTask) else None}
+
+
 async def process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None = None,
                   beat: Callable[[], None] = lambda: None,
                   providers: Providers | None = None, holder: str = "") -> None:
     """Run one entry to completion: acknowledged, or dead-lettered with a reason. When
-    ``stop`` is set first the entry is left pending, for another consumer to take over."""
+    ``stop`` is set first the entry is left pending, for another consumer to take over.
+    Every line logged meanwhile names the entry and its event."""
+    with logs.bound(**task_ids(delivery)):
+        await _process(rt, delivery, stop, beat, providers, holder)
+
+
+async def _process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None,
+                   beat: Callable[[], None], providers: Providers | None,
+                   holder: str) -> None:
     stop = stop or asyncio.Event()
     what = f"task {delivery.entry_id}"
     chosen = providers or NO_PROVIDERS
@@ -130,10 +147,12 @@ async def process(rt: Runtime, delivery: Delivery, stop: asyncio.Event | None = 
     except Exception as exc:  # a bug or bad data: retrying cannot help
         log.exception("%s failed permanently; dead-lettered", what)
         detail = repr(exc)
-        await until_done(f"dead-lettering {what}", lambda: _dead_letter(rt, delivery, detail),
-                         stop, beat)
+        if await until_done(f"dead-lettering {what}",
+                            lambda: _dead_letter(rt, delivery, detail), stop, beat):
+            metrics.task_finished(delivery.queue, "dead_letter")
         return
-    await until_done(f"acknowledging {what}", lambda: rt.queue.ack(delivery), stop, beat)
+    if await until_done(f"acknowledging {what}", lambda: rt.queue.ack(delivery), stop, beat):
+        metrics.task_finished(delivery.queue, "done")
 
 
 @contextlib.asynccontextmanager

@@ -92,6 +92,7 @@ class Env:
             "FEEDSVC_SERVICE_KEYS": SERVICE_KEY, "FEEDSVC_JWT_SECRET": JWT_SECRET,
             "FEEDSVC_REDIS_CLUSTER": str(self.redis_cluster).lower(),
             "FEEDSVC_QUEUE_SHARDS": str(self.shards),
+            "FEEDSVC_ACCESS_LOG": "false",  # no log line per request under load
         })
         if port is not None:
             env["FEEDSVC_PORT"] = str(port)

@@ -24,6 +24,7 @@ from typing import Literal
 import msgspec
 from aiohttp import http_exceptions, web
 
+from feedsvc import logs, metrics
 from feedsvc.auth import Principal, authenticate
 from feedsvc.config import Settings
 from feedsvc.errors import ClientError, FeedError, RetryableError
@@ -85,6 +86,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             if access == "service" and not principal.service:
                 return error_response(403, "forbidden", "this route needs a service key")
             request[PRINCIPAL] = principal
+            logs.bind(user_id=principal.user_id)
             limited = await _rate_limited(request, principal, handler)
             if limited is not None:
                 return limited
@@ -144,16 +146,19 @@ def principal_of(request: web.Request) -> Principal:
 def init_app(rt: Runtime, *, workers: int = 0) -> web.Application:
     """Build the application around an open runtime; ``workers`` > 0 also runs that many
     fan-out consumers inside this process (``feedsvc serve``)."""
-    from feedsvc.api import delivery, policy, recipients, routes
+    from feedsvc.api import delivery, ops, policy, recipients, routes
 
-    app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BULK_BODY_BYTES)
+    app = web.Application(middlewares=[metrics.http_middleware(rt.settings.access_log),
+                                       api_middleware], client_max_size=MAX_BULK_BODY_BYTES)
     app[RUNTIME] = rt
     app[ACCESS] = {}
     for method, path, handler, access in (routes.ROUTES + recipients.ROUTES + delivery.ROUTES
-                                          + policy.ROUTES):
+                                          + policy.ROUTES + ops.ROUTES):
         app.router.add_route(method, path, handler)
         app[ACCESS].setdefault(path, {})[method] = access
     app.cleanup_ctx.append(_notices_ctx(rt))
+    if rt.settings.metrics_public:
+        app[ACCESS][ops.METRICS_PATH]["GET"] = "none"
     if workers > 0:
         app.cleanup_ctx.append(_workers_ctx(rt, workers))
     if rt.settings.rate_limit_service or rt.settings.rate_limit_user:
@@ -229,9 +234,12 @@ async def serve(settings: Settings, *, workers: int, sock: socket.socket | None 
     address. If the in-process workers end on their own (they never should), the process
     ends with an error rather than go on accepting events nobody fans out."""
     from feedsvc.api.server import GuardedAppRunner, Limits
+    from feedsvc.ops import reporting
+    from feedsvc.queue.base import QUEUES
 
     async with open_runtime(settings) as rt:
         app = init_app(rt, workers=workers)
+        # Access logs are written by ``metrics.http_middleware`` (FEEDSVC_ACCESS_LOG).
         runner = GuardedAppRunner(app, Limits.of(settings), access_log=None)
         await runner.setup()
         site: web.BaseSite = (web.SockSite(runner, sock) if sock is not None
@@ -240,7 +248,9 @@ async def serve(settings: Settings, *, workers: int, sock: socket.socket | None 
         freeze_startup_heap()
         log.info("feedsvc listening on %s (pid %d)", site.name, os.getpid())
         try:
-            await rt.health.ended.wait()
+            async with reporting(rt, "serve" if workers else "api",
+                                 QUEUES if workers else ()):
+                await rt.health.ended.wait()
             raise FeedError(rt.health.failed or "in-process workers ended")
         finally:
             await runner.cleanup()

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from feedsvc.api import delivery, policy, recipients
+from feedsvc.api import delivery, ops, policy, recipients
 from feedsvc.model import (
     CURSOR_PATTERN,
     ID_PATTERN,
@@ -99,7 +99,8 @@ def _op(summary: str, security: list[dict[str, list[str]]] | None, ok: dict[str,
 @functools.cache
 def spec() -> dict[str, Any]:
     (_, schemas) = msgspec.json.schema_components(
-        _STRUCTS + recipients.SCHEMA_TYPES + delivery.SCHEMA_TYPES + policy.SCHEMA_TYPES,
+        _STRUCTS + recipients.SCHEMA_TYPES + delivery.SCHEMA_TYPES + policy.SCHEMA_TYPES
+        + ops.SCHEMA_TYPES,
         ref_template="#/components/schemas/{name}")
     responses: dict[str, Any] = {
         f"E{status}": {"description": text, **_json("ErrorOut")}
@@ -164,6 +165,7 @@ def spec() -> dict[str, Any]:
     paths.update(delivery.openapi_paths(_op, _param, _ID, _limit(50, 500)))
     for path, operations in policy.openapi_paths(_op, _param, _ID, _error).items():
         paths.setdefault(path, {}).update(operations)
+    paths.update(ops.openapi_paths(_op))
     return {
         "openapi": "3.1.0",
         "info": {"title": "feedsvc", "version": "0.1.0",

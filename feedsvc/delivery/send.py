@@ -49,6 +49,7 @@ from typing import Literal
 
 import msgspec
 
+from feedsvc import metrics
 from feedsvc.delivery.breaker import CircuitBreaker
 from feedsvc.delivery.notify import claim_key, notification_id
 from feedsvc.delivery.policy import fallback_chain, may_fall_back, next_channel
@@ -241,6 +242,7 @@ async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers:
     attempts = task.attempt if task.target == target.target else 0
     provider = providers.for_target(target.kind)
     if provider is None:
+        metrics.delivered(task.channel, target.kind, "suppressed")
         await _log(rt, task, target.target, "suppressed", "channel_not_configured")
         return
     lease = rt.settings.provider_timeout * 2 + 5
@@ -267,6 +269,7 @@ async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers:
         await _not_sent(rt, task, target, exc, attempts)
         return
     await rt.delivery.once.mark_sent(once)
+    metrics.delivered(task.channel, target.kind, "sent")
     await _log(rt, task, target.target, "sent", None, attempts + 1)
     await remember_sent(rt, receipt.provider, receipt.message_id, task.event.event_id,
                         task.user_id, task.channel, target.target, target.address,
@@ -311,6 +314,7 @@ async def _not_sent(rt: Runtime, task: ChannelTask, target: Target, exc: Excepti
                     attempts: int) -> None:
     """What a failed call leads to; anything but a provider's or the template's answer
     (a store or queue outage, a bug) is raised again, for the task to be redone."""
+    metrics.delivery_failed(task.channel, target.kind, exc)
     if isinstance(exc, ProviderUnavailable):
         attempts += 1
         if attempts >= rt.settings.delivery_max_attempts:

@@ -56,6 +56,16 @@ class QueueStats(msgspec.Struct, frozen=True):
     scheduled: int = 0  # entries waiting for their time
 
 
+class StreamStats(msgspec.Struct, frozen=True):
+    """One queue's stream of one priority (all its shards): for metrics and the status."""
+
+    queue: QueueName
+    priority: Priority
+    depth: int  # entries not yet acknowledged, pending ones included (not scheduled ones)
+    pending: int  # handed to a consumer, not yet acknowledged
+    oldest_ms: int | None  # when the oldest of them was queued (epoch ms); None: empty
+
+
 class Queue(Protocol):
     async def ping(self) -> None: ...
 
@@ -101,6 +111,21 @@ class Queue(Protocol):
         remove it from the dead letters, atomically; False when there is no such entry."""
 
     async def stats(self) -> QueueStats: ...
+
+    async def stream_stats(self) -> list[StreamStats]:
+        """Every queue's stream of every priority, each once (shards added up)."""
+
+    # --- process reports (``feedsvc/ops.py``: who is running, and their figures) ----------
+
+    async def put_report(self, process_id: str, body: bytes) -> None:
+        """Keep ``body`` as the latest report of ``process_id``, stamped with the time now."""
+
+    async def reports(self, within_s: float) -> list[tuple[int, bytes]]:
+        """The reports stamped in the last ``within_s`` seconds, as (stamp in epoch ms,
+        body); reports an hour old are forgotten."""
+
+    async def drop_report(self, process_id: str) -> None:
+        """Forget a process's report (it stopped)."""
 
     # --- for the outbox sweeper -----------------------------------------------------------
 

@@ -18,9 +18,18 @@ from typing import Any
 
 import msgspec
 
+from feedsvc import metrics
 from feedsvc.clock import now_ms
 from feedsvc.model import PRIORITIES, Envelope, Priority, decode_envelope, encode_envelope
-from feedsvc.queue.base import FANOUT, QUEUES, DeadLetter, Delivery, QueueName, QueueStats
+from feedsvc.queue.base import (
+    FANOUT,
+    QUEUES,
+    DeadLetter,
+    Delivery,
+    QueueName,
+    QueueStats,
+    StreamStats,
+)
 from feedsvc.sqlite_file import SqliteFile
 
 _SCHEMA = """
@@ -33,9 +42,13 @@ CREATE INDEX IF NOT EXISTS entries_order ON entries (priority, id);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS processes (
+    name TEXT PRIMARY KEY, seen_at INTEGER NOT NULL, body BLOB NOT NULL);
 """
+REPORTS_KEPT_MS = 3_600_000  # a process silent this long is forgotten
 
 
+@metrics.instrumented("sqlite_queue")
 class EmbeddedQueue(SqliteFile):
     """``Queue`` on SQLite; see the module docstring."""
 
@@ -124,6 +137,7 @@ class EmbeddedQueue(SqliteFile):
                 if (delivery.priority == "low"
                         and now_ms() - delivery.envelope.enqueued_at > self.low_max_age_ms):
                     await self._run(self._bump, "shed")
+                    metrics.shed(delivery.queue, delivery.priority)
                     await self.dead_letter(delivery, "shed", "older than FEEDSVC_LOW_MAX_AGE")
                     continue
                 return delivery
@@ -162,6 +176,7 @@ class EmbeddedQueue(SqliteFile):
                 self.db.execute("DELETE FROM entries WHERE id = ?", (int(delivery.entry_id),))
 
         await self._run(move)
+        metrics.dead_lettered(delivery.queue, reason)
 
     async def bury(self, queue: QueueName, priority: Priority, envelope: Envelope,
                    reason: str, detail: str) -> None:
@@ -169,6 +184,7 @@ class EmbeddedQueue(SqliteFile):
                             queue=queue)
         await self._run(self.db.execute, "INSERT INTO dead_letters (body) VALUES (?)",
                         (msgspec.msgpack.encode(record),))
+        metrics.dead_lettered(queue, reason)
 
     def _letters(self, rows: list[Any]) -> list[DeadLetter]:
         return [msgspec.structs.replace(_letter_decoder.decode(body), dlq_id=str(dlq_id))
@@ -265,6 +281,47 @@ class EmbeddedQueue(SqliteFile):
                               scheduled=scheduled)
 
         return await self._run(query)
+
+
+    async def stream_stats(self) -> list[StreamStats]:
+        def query() -> list[StreamStats]:
+            now = now_ms()
+            figures: dict[tuple[QueueName, Priority], tuple[int, int, int | None]] = {
+                (q, p): (0, 0, None) for q in QUEUES for p in PRIORITIES}
+            for queue, prio, depth, pending, oldest in self.db.execute(
+                "SELECT queue, priority, count(*), "
+                "sum(consumer IS NOT NULL AND claimed_at >= ?), min(queued_at) "
+                "FROM entries WHERE due_at IS NULL OR due_at <= ? GROUP BY queue, priority",
+                (now - self.claim_idle_ms, now),
+            ):
+                if (queue, PRIORITIES[prio]) in figures:
+                    figures[queue, PRIORITIES[prio]] = (int(depth), int(pending or 0),
+                                                        None if oldest is None else int(oldest))
+            return [StreamStats(q, p, *figure) for (q, p), figure in figures.items()]
+
+        return await self._run(query)
+
+    # --- process reports ----------------------------------------------------------------
+
+    async def put_report(self, process_id: str, body: bytes) -> None:
+        await self._run(self.db.execute,
+                        "INSERT INTO processes VALUES (?, ?, ?) ON CONFLICT (name) "
+                        "DO UPDATE SET seen_at = excluded.seen_at, body = excluded.body",
+                        (process_id, now_ms(), body))
+
+    async def reports(self, within_s: float) -> list[tuple[int, bytes]]:
+        now = now_ms()
+
+        def query() -> list[tuple[int, bytes]]:
+            self.db.execute("DELETE FROM processes WHERE seen_at < ?", (now - REPORTS_KEPT_MS,))
+            return [(int(seen), bytes(body)) for seen, body in self.db.execute(
+                "SELECT seen_at, body FROM processes WHERE seen_at >= ?",
+                (now - int(within_s * 1000),))]
+
+        return await self._run(query)
+
+    async def drop_report(self, process_id: str) -> None:
+        await self._run(self.db.execute, "DELETE FROM processes WHERE name = ?", (process_id,))
 
 
 _letter_decoder = msgspec.msgpack.Decoder(DeadLetter)

@@ -14,8 +14,9 @@ over the cluster: ``{prefix}:{qn}:high``, ``...:medium``, ``...:low``, ``{prefix
 A task goes to a random shard; a consumer reads high on every shard before medium on any,
 starting at a shard of its own, and blocks on its home shard's streams.
 
-Also: ``{prefix}:stats:shed`` (how many low entries were shed) and ``{prefix}:lease:{name}``
-(leases, ``SET NX PX``, e.g. the outbox sweeper's).
+Also: ``{prefix}:stats:shed`` (how many low entries were shed), ``{prefix}:lease:{name}``
+(leases, ``SET NX PX``, e.g. the outbox sweeper's) and ``{prefix}:processes`` (a hash: each
+running process's latest report, for the status page).
 
 Consumer group ``fanout``. A consumer first reclaims entries idle for ``claim_idle`` seconds
 (XAUTOCLAIM: their consumer died), then reads new entries in priority order; when all are
@@ -45,10 +46,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
+from feedsvc import metrics
 from feedsvc.clock import now_ms
 from feedsvc.errors import RetryableError
 from feedsvc.model import PRIORITIES, Envelope, Priority, decode_envelope, encode_envelope
-from feedsvc.queue.base import FANOUT, QUEUES, DeadLetter, Delivery, QueueName, QueueStats
+from feedsvc.queue.base import (
+    FANOUT,
+    QUEUES,
+    DeadLetter,
+    Delivery,
+    QueueName,
+    QueueStats,
+    StreamStats,
+)
 
 GROUP = "fanout"
 MAX_CONNECTIONS = 256  # per process: each consumer holds one while it blocks on a read
@@ -75,6 +85,7 @@ if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
 end
 return 0
 """
+REPORTS_KEPT_MS = 3_600_000  # a process silent this long is forgotten
 _DLQ_ID = re.compile(r"^(?:([0-9]{1,4}):)?([0-9]{1,18}-[0-9]{1,18})$")
 # Takes a lease that is free, or renews it for the holder that has it.
 _RENEW = """
@@ -133,6 +144,7 @@ def _no_group(exc: ResponseError) -> bool:
     return "NOGROUP" in str(exc)
 
 
+@metrics.instrumented("redis")
 class RedisQueue:
     """``Queue`` on Redis Streams; see the module docstring."""
 
@@ -150,6 +162,7 @@ class RedisQueue:
         self.scheduled_keys = [self._key(shard, "scheduled") for shard in range(shards)]
         self.streams = {p: self.stream_keys[0, "fanout", p] for p in PRIORITIES}  # shard 0's
         self.shed_key = f"{prefix}:stats:shed"
+        self.reports_key = f"{prefix}:processes"
         self._by_key = {key: sqp for sqp, key in self.stream_keys.items()}
         self._last_move = 0.0
         self._buffer: dict[str, list[Delivery]] = {}
@@ -279,6 +292,7 @@ class RedisQueue:
             pipe.xack(stream, GROUP, entry_id)
             pipe.xdel(stream, entry_id)
             await pipe.execute()
+        metrics.dead_lettered(self._by_key[stream][1], "poison")
 
     async def claim(self, consumer: str, block_s: float,
                     queues: Sequence[QueueName] = FANOUT) -> Delivery | None:
@@ -365,6 +379,7 @@ class RedisQueue:
 
     async def shed(self, delivery: Delivery) -> None:
         await self.redis.incr(self.shed_key)
+        metrics.shed(delivery.queue, delivery.priority)
         await self._dead_letter(delivery, "shed", "older than FEEDSVC_LOW_MAX_AGE")
 
     async def ack(self, delivery: Delivery) -> None:
@@ -406,6 +421,7 @@ class RedisQueue:
             pipe.xack(stream, GROUP, delivery.entry_id)
             pipe.xdel(stream, delivery.entry_id)
             await pipe.execute()
+        metrics.dead_lettered(delivery.queue, reason)
 
     async def bury(self, queue: QueueName, priority: Priority, envelope: Envelope,
                    reason: str, detail: str) -> None:
@@ -414,6 +430,7 @@ class RedisQueue:
         with redis_errors():
             await self.redis.xadd(self.dlq_keys[random.randrange(self.shards)],
                                   {_FIELD: msgspec.msgpack.encode(record)})
+        metrics.dead_lettered(queue, reason)
 
     # --- dead letters ---------------------------------------------------------------------
     # A dead letter's id is its dead-letter stream entry id, prefixed with "<shard>:" when
@@ -506,6 +523,57 @@ class RedisQueue:
             depth=depth, dead_letters=sum(int(n) for n in rest[:self.shards]),
             shed=int(rest[-1] or 0), queued=queued,
             scheduled=sum(int(n) for n in rest[self.shards:2 * self.shards]))
+
+    async def stream_stats(self) -> list[StreamStats]:
+        keys = list(self.stream_keys)
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    stream = self.stream_keys[key]
+                    pipe.xlen(stream)
+                    pipe.xpending(stream, GROUP)
+                    pipe.xrange(stream, count=1)
+                # A stream Redis lost (no group yet) answers an error: it counts as empty.
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+        figures: dict[tuple[QueueName, Priority], list[Any]] = {
+            (q, p): [0, 0, None] for q in QUEUES for p in PRIORITIES}
+        for i, (_, queue, priority) in enumerate(keys):
+            length, pending, first = replies[3 * i:3 * i + 3]
+            figure = figures[queue, priority]
+            figure[0] += length if isinstance(length, int) else 0
+            figure[1] += int(pending.get("pending", 0)) if isinstance(pending, dict) else 0
+            if isinstance(first, list) and first:  # entry ids start with Redis' clock in ms
+                queued = int(_text(first[0][0]).partition("-")[0])
+                figure[2] = queued if figure[2] is None else min(figure[2], queued)
+        return [StreamStats(q, p, depth, pending, oldest)
+                for (q, p), (depth, pending, oldest) in figures.items()]
+
+    # --- process reports --------------------------------------------------------------------
+
+    async def put_report(self, process_id: str, body: bytes) -> None:
+        with redis_errors():
+            await self.redis.hset(self.reports_key, process_id,
+                                  now_ms().to_bytes(8, "big") + body)
+
+    async def reports(self, within_s: float) -> list[tuple[int, bytes]]:
+        now = now_ms()
+        out: list[tuple[int, bytes]] = []
+        old: list[Any] = []
+        with redis_errors():
+            every: Any = await self.redis.hgetall(self.reports_key)
+            for name, value in every.items():
+                stamp = int.from_bytes(value[:8], "big")
+                if now - stamp > REPORTS_KEPT_MS:
+                    old.append(name)
+                elif now - stamp <= within_s * 1000:
+                    out.append((stamp, bytes(value[8:])))
+            if old:
+                await self.redis.hdel(self.reports_key, *old)
+        return out
+
+    async def drop_report(self, process_id: str) -> None:
+        with redis_errors():
+            await self.redis.hdel(self.reports_key, process_id)
 
     # --- for the outbox sweeper -----------------------------------------------------------
 

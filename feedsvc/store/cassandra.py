@@ -44,6 +44,7 @@ from cassandra.policies import (
 )
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, tuple_factory
 
+from feedsvc import metrics
 from feedsvc.clock import now_ms
 from feedsvc.errors import ConfigError, PermanentError, RetryableError
 from feedsvc.errors import InvalidRequest as InvalidInput
@@ -230,6 +231,7 @@ def _settle(
         result.set_result(rows if rows is not None else [])
 
 
+@metrics.instrumented("cassandra")
 class CassandraStore:
     """``Store`` on Cassandra; see the module docstring."""
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from feedsvc import metrics
 from feedsvc.clock import now_ms
 from feedsvc.model import Event, InboxItem, Mode, Position
 from feedsvc.sqlite_file import SqliteFile
@@ -61,6 +62,7 @@ _item_decoder = msgspec.msgpack.Decoder(InboxItem)
 _event_decoder = msgspec.msgpack.Decoder(Event)
 
 
+@metrics.instrumented("sqlite")
 class SqliteStore(SqliteFile):
     """``Store`` on one SQLite file; see the module docstring."""
 

@@ -1,4 +1,4 @@
-"""The commands of ``scripts/services.py``: start, stop, status, env; the faults the chaos
+"""The commands of ``scripts/services.py``: start, stop, status, env, browser; the faults the chaos
 tests inject (kill, restart, pause, resume); and nodetool.
 
 ``start`` and ``env`` end by printing shell-sourceable ``KEY=VALUE`` lines on stdout (two for
@@ -19,7 +19,7 @@ from .server import Server
 from .settings import ClusterSettings, ServiceError, Settings, say
 from .topology import Topology
 
-COMMANDS = ("start", "stop", "status", "env", "kill", "restart", "pause", "resume")
+COMMANDS = ("start", "stop", "status", "env", "kill", "restart", "pause", "resume", "browser")
 FAULTS = ("kill", "restart", "pause", "resume")
 PEERS_TIMEOUT_S = 60.0
 PAXOS_TIMEOUT_S = 240.0
@@ -130,6 +130,14 @@ def restart(servers: Topology, server: Server) -> None:
 
 
 def run(command: str, names: Sequence[str], clustered: bool) -> int:
+    if command == "browser":
+        # Not a server: the headless browser and its driver that the status page's test
+        # drives (Debian's chromium and chromium-driver, installed with apt when missing).
+        from .install import browser_binaries
+
+        chromium, driver = browser_binaries()
+        print(f"chromium={chromium}\nchromedriver={driver}", flush=True)
+        return 0
     servers, env_lines = load(clustered)
     if command == "env":
         if names:
@@ -195,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="`services.py nodetool [--cluster [cassandra-N]] ARGS...` runs Cassandra's "
         "nodetool against the local node (or cluster nodes). kill (SIGKILL), pause (SIGSTOP), "
         "resume (SIGCONT) and restart take server names, e.g. `kill --cluster cassandra-2` "
-        "or `kill --cluster redis-primary`. See docs/local-servers.md for ports, "
+        "or `kill --cluster redis-primary`. `browser` installs Debian's chromium and "
+        "chromium-driver when missing (the status page test). See docs/local-servers.md for ports, "
         "directories and environment overrides.",
     )
     parser.add_argument("command", choices=COMMANDS)

@@ -89,6 +89,14 @@ def redis_cli_binary() -> str:
     return find_program("redis-cli", "redis-tools", "redis-cli is not installed")
 
 
+def browser_binaries() -> tuple[str, str]:
+    """Debian's ``chromium`` and ``chromium-driver`` (the status page's browser test drives
+    them with selenium); installed with apt when missing. Never a downloaded browser."""
+    chromium = find_program("chromium", "chromium", "chromium is not installed")
+    driver = find_program("chromedriver", "chromium-driver", "chromedriver is not installed")
+    return chromium, driver
+
+
 def java_major_version(java: str) -> int | None:
     try:
         result = subprocess.run(
