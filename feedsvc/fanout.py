@@ -85,7 +85,8 @@ async def fan_out(rt: Runtime, event: Event) -> int:
 async def write_author_partition(rt: Runtime, event: Event, ttl: int) -> None:
     """The event in its author's partition (direct events never enter it), and for a pull
     event the author in the pull set for as long as the event is retained (it may be
-    dated a little into the future). Upserts: intake and the worker both write them."""
+    dated a little into the future), then the notice that drops cached heads of a pull
+    author. Upserts: intake and the worker both write them."""
     if event.route == "direct":
         # Indexed under its author only so that an erasure can find it (feedsvc/erasure.py).
         await rt.policy.erasures.index_direct(event.author_id, event.created_at,
@@ -95,6 +96,9 @@ async def write_author_partition(rt: Runtime, event: Event, ttl: int) -> None:
     if event.route == "pull":
         await rt.store.touch_pull_author(
             event.author_id, max(rt.settings.retention_ms // 1000, ttl))
+        # Readers' cached heads of the author are stale now, in every API process; the
+        # worker's rewrite says so too (intake may have died before its own notice).
+        await rt.notices.author_posted(event.author_id)
 
 
 async def _write(rt: Runtime, users: Sequence[str], item: InboxItem, ttl: int) -> None:

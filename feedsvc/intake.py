@@ -288,12 +288,6 @@ async def publish(rt: Runtime, event: Event) -> None:
         await write_author_partition(rt, event, ttl)
     except RetryableError as exc:
         log.warning("event %s: author partition left to the worker: %s", event.event_id, exc)
-    if event.route == "pull":
-        try:  # readers' cached heads of the author are stale now, in every API process
-            await rt.notices.author_posted(event.author_id)
-        except RetryableError as exc:
-            log.warning("event %s: readers see it when their cached heads expire "
-                        "(FEEDSVC_HEAD_TTL): %s", event.event_id, exc)
     try:
         await rt.queue.enqueue(event.priority, Envelope(FanoutTask(event), rt.now_ms()))
         await rt.outbox.mark_queued(event.event_id, event.accepted_at, rt.now_ms(), ttl)

@@ -45,8 +45,13 @@ def signed_url(request: web.Request) -> str:
     return base.rstrip("/") + request.raw_path
 
 
+_SIGNED = ("webhook-id", "webhook-timestamp", "webhook-signature")
+
+
 async def twilio_status(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    if not request.headers.get("X-Twilio-Signature"):  # unsigned: refused, configured or not
+        raise Forbidden("X-Twilio-Signature is required", code="bad_signature")
     token = rt.settings.sms_auth_token
     if token is None:
         raise NotFound("SMS (Twilio) is not configured here", code="unknown_provider")
@@ -78,6 +83,9 @@ async def twilio_status(request: web.Request) -> web.Response:
 async def provider_status(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     provider = path_id(request, "provider", _PROVIDER, "1-32 of a-z 0-9 _ -")
+    if not all(request.headers.get(h) for h in _SIGNED):  # unsigned: refused either way
+        raise Forbidden("webhook-id, webhook-timestamp and webhook-signature are required",
+                        code="bad_signature")
     key = status.standard_key(rt.settings.webhook_secrets, provider)
     if key is None:
         raise NotFound(f"no status webhooks are configured for {provider!r}",
