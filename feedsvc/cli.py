@@ -163,6 +163,8 @@ delivery to this log; see who got what with the delivery log):
             "notify": {{"channels": ["push", "sms", "email"],
                        "message": {{"title": "School closed", "body": "No school tomorrow"}}}}}}'
   curl -s {base}/v1/events/demo-2/deliveries/user2 -H "Authorization: Bearer $USER_TOKEN"
+
+Status page (asks for the service key above): {base}/status
 """, flush=True)
 
 
