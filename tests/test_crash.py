@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,27 +20,14 @@ from feedsvc.model import FOLLOWER_PAGE
 from feedsvc.runtime import Runtime
 from feedsvc.seed import write_graph
 from tests.conftest import MakeRuntime
+from tests.procs import process_env
 
 FOLLOWERS = 5_000
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEEDSVC_")}
-    env.update({
-        "FEEDSVC_DATA_DIR": str(settings.data_dir),
-        "FEEDSVC_KEYSPACE": settings.keyspace,
-        "FEEDSVC_QUEUE_PREFIX": settings.queue_prefix,
-        "FEEDSVC_CLAIM_IDLE": str(settings.claim_idle),
-        "FEEDSVC_CELEBRITY_THRESHOLD": str(settings.celebrity_threshold),
-        # Few writes in flight, so the kill lands mid fan-out.
-        "FEEDSVC_FANOUT_CONCURRENCY": "1",
-    })
-    if not settings.embedded:
-        env["FEEDSVC_CASSANDRA_HOSTS"] = ",".join(settings.cassandra_hosts)
-        env["FEEDSVC_REDIS_URL"] = settings.redis_url or ""
-        env["FEEDSVC_REDIS_CLUSTER"] = str(settings.redis_cluster).lower()
-        env["FEEDSVC_QUEUE_SHARDS"] = str(settings.queue_shards)
-    return env
+    # Few writes in flight, so the kill lands mid fan-out.
+    return process_env(settings, FEEDSVC_FANOUT_CONCURRENCY="1")
 
 
 def start_worker(settings: Settings, log: IO[bytes], *extra: str) -> subprocess.Popen[bytes]:

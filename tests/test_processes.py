@@ -298,7 +298,7 @@ async def test_threshold_crossings_on_two_processes(fleet: Fleet) -> None:
 # --- several processes of one command ------------------------------------------------
 
 
-def children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:  # Linux /proc, like SO_REUSEPORT balancing
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(p) for p in text.split()]
 
@@ -329,7 +329,6 @@ def env(endpoints: Endpoints, cassandra: CassandraKeyspace, prefix: str) -> Iter
     yield process_env(endpoints, cassandra.keyspace, prefix)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 async def test_api_processes_share_the_port(env: dict[str, str], tmp_path: Path) -> None:
     log = tmp_path / "api.log"
     port = free_port()

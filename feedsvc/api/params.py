@@ -8,8 +8,16 @@ import re
 
 from aiohttp import web
 
-from feedsvc.api.app import RUNTIME
-from feedsvc.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from feedsvc import intake
+from feedsvc.api.app import RUNTIME, principal_of
+from feedsvc.errors import (
+    Forbidden,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 from feedsvc.model import ID_PATTERN, ID_RULE
 
 _ID = re.compile(ID_PATTERN)
@@ -24,6 +32,25 @@ def query_limit(request: web.Request, default: int, maximum: int) -> int:
         raise InvalidRequest(f"limit must be an integer from 1 to {maximum}",
                              code="invalid_query", field="limit")
     return int(raw)
+
+
+def inbox_owner(request: web.Request) -> str:
+    """Whose inbox a request is about: the token's user, or ``user_id`` with a service key
+    (a user token naming another user is 403)."""
+    principal = principal_of(request)
+    named = request.query.get("user_id")
+    if named is not None and not intake.valid_id(named):
+        raise InvalidRequest(f"user_id must be {ID_RULE}", code="invalid_query",
+                             field="user_id")
+    if principal.service:
+        if named is None:
+            raise Unprocessable("a service key must name user_id", code="missing_field",
+                                field="user_id")
+        return named
+    assert principal.user_id is not None
+    if named is not None and named != principal.user_id:
+        raise Forbidden("a user token can only read its own inbox")
+    return principal.user_id
 
 
 def path_id(request: web.Request, name: str, pattern: re.Pattern[str] = _ID,

@@ -20,11 +20,11 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from feedsvc import erasure, intake, readstate
-from feedsvc.api.app import RUNTIME, Access, Handler, json_response, principal_of
-from feedsvc.api.params import path_id, read_body, read_raw
+from feedsvc.api.app import RUNTIME, Access, Handler, json_response
+from feedsvc.api.params import inbox_owner, path_id, read_body, read_raw
 from feedsvc.delivery import status
 from feedsvc.errors import Forbidden, InvalidRequest, NotFound, Unprocessable
-from feedsvc.model import ID_RULE, MAX_BODY_BYTES
+from feedsvc.model import MAX_BODY_BYTES
 from feedsvc.store.policy import ErasureStatus
 
 PROVIDER_PATTERN = r"^(?!.*\n)[a-z0-9_-]{1,32}$"
@@ -117,32 +117,14 @@ async def provider_status(request: web.Request) -> web.Response:
 # --- inbox read state ----------------------------------------------------------------------
 
 
-def _reader(request: web.Request) -> str:
-    """The inbox's owner: the token's user, or ``user_id`` with a service key."""
-    principal = principal_of(request)
-    named = request.query.get("user_id")
-    if named is not None and not intake.valid_id(named):
-        raise InvalidRequest(f"user_id must be {ID_RULE}", code="invalid_query",
-                             field="user_id")
-    if principal.service:
-        if named is None:
-            raise Unprocessable("a service key must name user_id", code="missing_field",
-                                field="user_id")
-        return named
-    assert principal.user_id is not None
-    if named is not None and named != principal.user_id:
-        raise Forbidden("a user token can only read its own inbox")
-    return principal.user_id
-
-
 async def post_seen(request: web.Request) -> web.Response:
-    user_id = _reader(request)
+    user_id = inbox_owner(request)
     body, _ = intake.decode_body(await read_body(request, MAX_BODY_BYTES), readstate.SeenIn)
     return json_response(await readstate.mark_seen(request.app[RUNTIME], user_id, body.up_to))
 
 
 async def get_unread_count(request: web.Request) -> web.Response:
-    user_id = _reader(request)
+    user_id = inbox_owner(request)
     return json_response(await readstate.unread_count(request.app[RUNTIME], user_id))
 
 

@@ -16,18 +16,16 @@ import msgspec
 from aiohttp import web
 
 from feedsvc import graph, intake, timeline
-from feedsvc.api.app import RUNTIME, Access, Handler, error_response, json_response, principal_of
+from feedsvc.api.app import RUNTIME, Access, Handler, error_response, json_response
 from feedsvc.api.openapi import spec
-from feedsvc.api.params import path_id, query_limit, read_body
+from feedsvc.api.params import inbox_owner, path_id, query_limit, read_body
 from feedsvc.errors import (
-    Forbidden,
     InvalidRequest,
     RetryableError,
     Unprocessable,
 )
 from feedsvc.model import (
     CURSOR_PATTERN,
-    ID_RULE,
     MAX_BODY_BYTES,
     MAX_BULK_BODY_BYTES,
     BulkIn,
@@ -119,21 +117,7 @@ def _entry(item: InboxItem, via: timeline.Via) -> InboxEntryOut:
 
 async def get_inbox(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    principal = principal_of(request)
-    named = request.query.get("user_id")
-    if named is not None and not intake.valid_id(named):
-        raise InvalidRequest(f"user_id must be {ID_RULE}", code="invalid_query",
-                             field="user_id")
-    if principal.service:
-        if named is None:
-            raise Unprocessable("a service key must name user_id", code="missing_field",
-                                field="user_id")
-        user_id = named
-    else:
-        assert principal.user_id is not None
-        if named is not None and named != principal.user_id:
-            raise Forbidden("a user token can only read its own inbox")
-        user_id = principal.user_id
+    user_id = inbox_owner(request)
     limit = query_limit(request, 50, 200)
     raw_cursor = _cursor(request)
     cursor = timeline.decode_cursor(raw_cursor) if raw_cursor else None
