@@ -28,13 +28,23 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from feedsvc.client import FeedClient
+from feedsvc.delivery.recipients import (
+    ChannelSwitches,
+    ContactsIn,
+    DeviceIn,
+    KindSwitches,
+    Platform,
+    PreferencesIn,
+    WebPushKeys,
+    WebPushSubscription,
+)
+from feedsvc.model import EventIn, MessageIn, NotifyIn
 from loadtest.bench import SERVICE_KEY, Env, fresh_keyspace, wait_http
 from loadtest.ceilings import free_port
 from loadtest.chaos import RESULTS, Fleet, log
@@ -45,13 +55,14 @@ WORKERS = 2
 KILLS = 5
 DEADLINE_S = 1200.0
 KINDS = ("alert", "news")
+PLATFORMS: tuple[Platform, ...] = ("fcm", "apns", "webpush")
 PROVIDER_TIMEOUT_S = 3.0  # a hung provider call holds a consumer this long
 
 
 @dataclass(frozen=True)
 class Recipient:
     user_id: str
-    devices: dict[str, str]  # device_id -> platform
+    devices: dict[str, Platform]  # device_id -> platform
     sms_off: bool
     email_off: bool
     news_push_off: bool
@@ -66,7 +77,7 @@ class Outcome:
 def plan(tag: str, count: int, rng: random.Random) -> list[Recipient]:
     people = []
     for i in range(count):
-        platforms = rng.choices(("fcm", "apns", "webpush"), weights=(5, 3, 2),
+        platforms = rng.choices(PLATFORMS, weights=(5, 3, 2),
                                 k=rng.randint(1, 3))
         people.append(Recipient(
             f"{tag}-u{i}", {f"d{n}": p for n, p in enumerate(platforms)},
@@ -88,51 +99,34 @@ def expectation(people: Sequence[Recipient], events: dict[str, str]) -> Outcome:
     return out
 
 
-async def _call(session: aiohttp.ClientSession, url: str, method: str, path: str,
-                body: Any) -> None:
-    for attempt in range(10):  # a 503 is retried, as any client would
-        async with session.request(method, f"{url}{path}", json=body, headers={
-                "Authorization": f"Bearer {SERVICE_KEY}"}) as response:
-            if response.status in (429, 503) and attempt < 9:
-                await asyncio.sleep(1.0)
-                continue
-            if response.status >= 300:
-                raise RuntimeError(f"{method} {path}: {response.status} {await response.text()}")
-            return
-
-
-async def seed(url: str, author: str, people: Sequence[Recipient], fakes: Fakes) -> None:
-    """Devices, contacts, preferences and follows, through the API."""
-    calls: list[tuple[str, str, Any]] = []
+async def seed(client: FeedClient, author: str, people: Sequence[Recipient],
+               fakes: Fakes) -> None:
+    """Devices, contacts, preferences and follows, through the API (the typed client
+    retries 503 and 429 as any client would)."""
+    calls: list[Awaitable[object]] = []
     for n, p in enumerate(people):
-        base = f"/v1/users/{p.user_id}"
         for device_id, platform in p.devices.items():
             if platform == "webpush":
                 sub = fakes.webpush.subscribe()
-                body: dict[str, Any] = {"platform": "webpush", "subscription": {
-                    "endpoint": sub.endpoint, "keys": {"p256dh": sub.p256dh,
-                                                       "auth": sub.auth_b64}}}
+                device = DeviceIn("webpush", subscription=WebPushSubscription(
+                    sub.endpoint, WebPushKeys(sub.p256dh, sub.auth_b64)))
             else:
-                body = {"platform": platform, "token": f"tok-{p.user_id}-{device_id}"}
-            calls.append(("PUT", f"{base}/devices/{device_id}", body))
-        calls.append(("PUT", f"{base}/contacts", {
-            "email": f"{p.user_id}@example.com", "phone": f"+1415{n:07d}"}))
+                device = DeviceIn(platform, token=f"tok-{p.user_id}-{device_id}")
+            calls.append(client.put_device(p.user_id, device_id, device))
+        calls.append(client.put_contacts(p.user_id, ContactsIn(
+            f"{p.user_id}@example.com", f"+1415{n:07d}")))
         if p.sms_off or p.email_off or p.news_push_off:
-            prefs: dict[str, Any] = {"channels": {"sms": not p.sms_off,
-                                                  "email": not p.email_off}}
-            if p.news_push_off:
-                prefs["kinds"] = {"news": {"push": False}}
-            calls.append(("PUT", f"{base}/preferences", prefs))
-    follows = [{"user_id": p.user_id, "author_id": author} for p in people]
+            calls.append(client.put_preferences(p.user_id, PreferencesIn(
+                channels=ChannelSwitches(sms=not p.sms_off, email=not p.email_off),
+                kinds={"news": KindSwitches(push=False)} if p.news_push_off else None)))
+    await client.follow_bulk((p.user_id, author) for p in people)
     pending = iter(calls)
-    async with aiohttp.ClientSession() as session:
-        await _call(session, url, "POST", "/v1/follows/bulk", {"follows": follows})
 
-        async def lane() -> None:
-            for method, path, body in pending:
-                await _call(session, url, method, path, body)
+    async def lane() -> None:
+        for call in pending:
+            await call
 
-        await asyncio.gather(*(lane() for _ in range(16)))
+    await asyncio.gather(*(lane() for _ in range(16)))
 
 
 def accepted(fakes: Fakes) -> dict[str, int]:
@@ -175,12 +169,13 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             fleet.start_api()
             for _ in range(WORKERS):
                 fleet.start_worker()
+            client = FeedClient(url, credential=SERVICE_KEY)
             try:
                 await wait_http(f"{url}/readyz")
                 author = f"{tag}-author"
                 people = plan(tag, args.recipients, rng)
                 seeding = time.monotonic()
-                await seed(url, author, people, fakes)
+                await seed(client, author, people, fakes)
                 log(f"seeded {len(people)} recipients in {time.monotonic() - seeding:.1f} s")
                 fakes.set_behaviour(error_rate=args.error_rate, timeout_rate=args.hang_rate,
                                     hang=PROVIDER_TIMEOUT_S + 2, retry_after=1,
@@ -190,13 +185,11 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 log(f"posting {len(events)} events: {len(want.expected)} deliveries allowed, "
                     f"{len(want.forbidden)} forbidden")
                 posted = time.monotonic()
-                async with aiohttp.ClientSession() as session:
-                    for event_id, kind in events.items():
-                        await _call(session, url, "POST", "/v1/events", {
-                            "event_id": event_id, "author_id": author, "kind": kind,
-                            "payload": {}, "notify": {
-                                "channels": ["push", "sms", "email"],
-                                "message": {"title": f"{kind}", "body": "chaos"}}})
+                for event_id, kind in events.items():
+                    await client.post_event(EventIn(
+                        event_id=event_id, author_id=author, kind=kind, payload={},
+                        notify=NotifyIn(channels=["push", "sms", "email"],
+                                        message=MessageIn(kind, "chaos"))))
                 kills = await kill_workers(fleet, rng, args.kills)
                 progress = 0
                 while True:
@@ -214,6 +207,7 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 got = accepted(fakes)
                 exited = fleet.exited()
             finally:
+                await client.aclose()
                 fleet.stop()
             stats = {name: ledger.stats() for name, ledger in fakes.ledgers().items()}
     row = {
