@@ -174,6 +174,13 @@ class FeedClient:
         return await self._call("GET", f"/v1/users/{_segment(user_id)}/preferences",
                                 Preferences)
 
+    # --- notifications ------------------------------------------------------------------
+
+    async def opened(self, notification_id: str) -> None:
+        """The user opened this notification (``event_id:user_id``; that user's token):
+        its escalation sends nothing more."""
+        await self._call("POST", f"/v1/notifications/{_segment(notification_id)}/opened", None)
+
     # --- the one request path ------------------------------------------------------------
 
     async def _call(self, method: str, path: str, into: type[T] | None, *,

@@ -9,6 +9,16 @@ and an address; some turn a channel off, or push off for one kind of event. Two 
 that notify on every channel are posted; a worker is SIGKILLed and restarted five times
 while the deliveries go out.
 
+Delivery policy is in play at the same time (issue: delivery policy). A second group
+follows another author who posts eight push-only events: with ``FEEDSVC_NOTIFY_RATE`` at
+``push=3/30s`` most of them are held and rolled into digests, and the check is that each
+device got every event exactly once, either on its own or counted in a digest (the digest's
+"N new notifications" title). A third group gets a push that escalates to SMS after 40 s:
+half of them report it opened at once (with their own user token) and must get no SMS, the
+other half must get exactly one. And FCM fails every call for 20 s after the posts, so its
+circuit breaker opens (cool-down 5 s) and what waited behind it goes out after recovery;
+the breaker transitions the workers logged are counted.
+
 The check reads the fakes' ledgers, which count accepted requests per ``Idempotency-Key``
 (the delivery key): every delivery the preferences allow must be accepted once, and none
 they forbid may be. The raw number of requests repeating an already accepted key is
@@ -24,6 +34,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import sys
 import tempfile
 import time
@@ -33,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
+from feedsvc.auth import issue_token
 from feedsvc.client import FeedClient
 from feedsvc.delivery.recipients import (
     ChannelSwitches,
@@ -44,10 +58,11 @@ from feedsvc.delivery.recipients import (
     WebPushKeys,
     WebPushSubscription,
 )
-from feedsvc.model import EventIn, MessageIn, NotifyIn
-from loadtest.bench import SERVICE_KEY, Env, fresh_keyspace, wait_http
+from feedsvc.model import EscalateIn, EventIn, MessageIn, NotifyIn
+from loadtest.bench import JWT_SECRET, SERVICE_KEY, Env, fresh_keyspace, wait_http
 from loadtest.ceilings import free_port
 from loadtest.chaos import RESULTS, Fleet, log
+from tests.fakes.ledger import Behaviour
 from tests.fakes.suite import Fakes, running_fakes
 
 RECIPIENTS = 2_000
@@ -57,6 +72,16 @@ DEADLINE_S = 1200.0
 KINDS = ("alert", "news")
 PLATFORMS: tuple[Platform, ...] = ("fcm", "apns", "webpush")
 PROVIDER_TIMEOUT_S = 3.0  # a hung provider call holds a consumer this long
+# Policy in play: the digest group, the escalation group, and an FCM outage.
+DIGEST_RECIPIENTS = 300
+DIGEST_EVENTS = 8
+NOTIFY_RATE = "push=3/30s"  # 8 events a device, so most are held for the window's digest
+ESCALATION_RECIPIENTS = 300
+ESCALATE_AFTER_S = 40
+BREAKER_COOLDOWN = "5s"
+OUTAGE_AFTER_S = 5.0  # after the posts, FCM fails every call for OUTAGE_S
+OUTAGE_S = 20.0
+_DIGEST_TITLE = re.compile(r"^([0-9]+) new notifications?$")
 
 
 @dataclass(frozen=True)
@@ -74,15 +99,19 @@ class Outcome:
     forbidden: set[str] = field(default_factory=set)
 
 
-def plan(tag: str, count: int, rng: random.Random) -> list[Recipient]:
+def plan(tag: str, count: int, rng: random.Random, *,
+         platforms: Sequence[Platform] = PLATFORMS, weights: Sequence[int] = (5, 3, 2),
+         most: int = 3, switches: bool = True) -> list[Recipient]:
+    """``count`` recipients with one to ``most`` devices; with ``switches`` some turn a
+    channel off, or push off for news."""
     people = []
     for i in range(count):
-        platforms = rng.choices(PLATFORMS, weights=(5, 3, 2),
-                                k=rng.randint(1, 3))
+        chosen = rng.choices(platforms, weights=weights, k=rng.randint(1, most))
         people.append(Recipient(
-            f"{tag}-u{i}", {f"d{n}": p for n, p in enumerate(platforms)},
-            sms_off=rng.random() < 0.1, email_off=rng.random() < 0.05,
-            news_push_off=rng.random() < 0.1))
+            f"{tag}{i}", {f"d{n}": p for n, p in enumerate(chosen)},
+            sms_off=switches and rng.random() < 0.1,
+            email_off=switches and rng.random() < 0.05,
+            news_push_off=switches and rng.random() < 0.1))
     return people
 
 
@@ -97,6 +126,96 @@ def expectation(people: Sequence[Recipient], events: dict[str, str]) -> Outcome:
             (out.forbidden if p.sms_off else out.expected).add(f"{nid}:sms:sms")
             (out.forbidden if p.email_off else out.expected).add(f"{nid}:email:email")
     return out
+
+
+def escalation_expectation(people: Sequence[Recipient], event_id: str, out: Outcome) -> None:
+    """Every push once; the SMS escalation for the odd half (who never open it), none for
+    the even half (who report it opened at once)."""
+    for i, p in enumerate(people):
+        nid = f"{event_id}:{p.user_id}"
+        out.expected.update(f"{nid}:push:{d}" for d in p.devices)
+        (out.expected if i % 2 else out.forbidden).add(f"{nid}:sms:sms")
+
+
+def key_user(key: str) -> str:
+    """The recipient of a delivery key: ``event:user:channel:target``, where a digest's
+    event id is ``digest:channel:window``."""
+    parts = key.split(":")
+    return parts[3] if parts[0] == "digest" else parts[1]
+
+
+@dataclass
+class DigestTally:
+    devices: int = 0
+    direct: int = 0  # events sent on their own
+    digests: int = 0
+    held: int = 0  # events counted in the digests' titles
+    short: int = 0  # devices that got fewer than every event (so far)
+    over: int = 0  # devices that got an event twice (on its own and in a digest, or ...)
+    unreadable: int = 0  # digests whose title is not "N new notifications"
+
+
+def digest_tally(records: dict[str, dict[str, Any]], people: Sequence[Recipient],
+                 events: Sequence[str]) -> DigestTally:
+    """Per device of the digest group: the events it got on their own plus those counted
+    in its digests must be exactly every event."""
+    users = {p.user_id for p in people}
+    wanted = set(events)
+    got: Counter[tuple[str, str]] = Counter()
+    tally = DigestTally(devices=sum(len(p.devices) for p in people))
+    for key, record in records.items():
+        parts = key.split(":")
+        if key_user(key) not in users:
+            continue
+        if parts[0] == "digest":
+            match = _DIGEST_TITLE.fullmatch(str(record.get("title", "")))
+            if match is None:
+                tally.unreadable += 1
+                continue
+            tally.digests += 1
+            tally.held += int(match.group(1))
+            got[parts[3], parts[5]] += int(match.group(1))
+        elif parts[0] in wanted:
+            tally.direct += 1
+            got[parts[1], parts[3]] += 1
+    for p in people:
+        for device in p.devices:
+            count = got[p.user_id, device]
+            tally.short += count < len(events)
+            tally.over += count > len(events)
+    return tally
+
+
+async def open_half(url: str, people: Sequence[Recipient], event_id: str) -> None:
+    """The even half report the notification opened, each with its own user token."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async def one(p: Recipient) -> None:
+            client = FeedClient(url, credential=issue_token(JWT_SECRET, p.user_id, 3600),
+                                session=session)
+            await client.opened(f"{event_id}:{p.user_id}")
+
+        await asyncio.gather(*(one(p) for p in people[::2]))
+
+
+async def outage(fakes: Fakes, restore: Behaviour, after_s: float, seconds: float) -> None:
+    """FCM answers every call 503 for ``seconds``, then misbehaves as before."""
+    await asyncio.sleep(after_s)
+    fakes.fcm.behaviour = Behaviour(error_rate=1.0, error_statuses=(503,), retry_after=1)
+    log(f"FCM outage for {seconds:.0f} s")
+    await asyncio.sleep(seconds)
+    fakes.fcm.behaviour = restore
+    log("FCM is back")
+
+
+def breaker_transitions(log_dir: Path) -> Counter[str]:
+    """``closed -> open`` and the like, as the workers logged them."""
+    found: Counter[str] = Counter()
+    for path in log_dir.glob("worker*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            match = re.search(r"provider (\w+) breaker: (\w+) -> (\w+)", line)
+            if match:
+                found[f"{match.group(1)} {match.group(2)}->{match.group(3)}"] += 1
+    return found
 
 
 async def seed(client: FeedClient, author: str, people: Sequence[Recipient],
@@ -165,6 +284,8 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             proc_env.update({f"FEEDSVC_{name.upper()}": str(value)
                              for name, value in fakes.settings().items()})
             proc_env["FEEDSVC_PROVIDER_TIMEOUT"] = str(PROVIDER_TIMEOUT_S)
+            proc_env["FEEDSVC_NOTIFY_RATE"] = NOTIFY_RATE
+            proc_env["FEEDSVC_BREAKER_COOLDOWN"] = BREAKER_COOLDOWN
             fleet = Fleet(proc_env, port, log_dir)
             fleet.start_api()
             for _ in range(WORKERS):
@@ -173,29 +294,57 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
             try:
                 await wait_http(f"{url}/readyz")
                 author = f"{tag}-author"
-                people = plan(tag, args.recipients, rng)
+                people = plan(f"{tag}-u", args.recipients, rng)
+                digesters = plan(f"{tag}-g", args.digest_recipients, rng, platforms=("fcm",),
+                                 weights=(1,), most=2, switches=False)
+                escalated = plan(f"{tag}-x", args.escalation_recipients, rng,
+                                 platforms=("fcm", "apns"), weights=(1, 1), most=1,
+                                 switches=False)
                 seeding = time.monotonic()
                 await seed(client, author, people, fakes)
-                log(f"seeded {len(people)} recipients in {time.monotonic() - seeding:.1f} s")
-                fakes.set_behaviour(error_rate=args.error_rate, timeout_rate=args.hang_rate,
-                                    hang=PROVIDER_TIMEOUT_S + 2, retry_after=1,
-                                    seed=args.seed)
+                await seed(client, f"{tag}-digest-author", digesters, fakes)
+                await seed(client, f"{tag}-escalating-author", escalated, fakes)
+                log(f"seeded {len(people)} + {len(digesters)} + {len(escalated)} recipients in "
+                    f"{time.monotonic() - seeding:.1f} s")
+                chaos = dict(error_rate=args.error_rate, timeout_rate=args.hang_rate,
+                             hang=PROVIDER_TIMEOUT_S + 2, retry_after=1, seed=args.seed)
+                fakes.set_behaviour(**chaos)
                 events = {f"{tag}-e-{kind}": kind for kind in KINDS}
                 want = expectation(people, events)
-                log(f"posting {len(events)} events: {len(want.expected)} deliveries allowed, "
-                    f"{len(want.forbidden)} forbidden")
+                escalating = f"{tag}-e-escalating"
+                escalation_expectation(escalated, escalating, want)
+                digest_events = [f"{tag}-e-d{n}" for n in range(DIGEST_EVENTS)]
+                log(f"posting {len(events)} + {len(digest_events)} + 1 events: "
+                    f"{len(want.expected)} deliveries allowed, {len(want.forbidden)} forbidden, "
+                    f"and {len(digest_events)} to each of "
+                    f"{sum(len(p.devices) for p in digesters)} digest-group devices")
                 posted = time.monotonic()
                 for event_id, kind in events.items():
                     await client.post_event(EventIn(
                         event_id=event_id, author_id=author, kind=kind, payload={},
                         notify=NotifyIn(channels=["push", "sms", "email"],
                                         message=MessageIn(kind, "chaos"))))
-                kills = await kill_workers(fleet, rng, args.kills)
+                await client.post_event(EventIn(
+                    event_id=escalating, author_id=f"{tag}-escalating-author", kind="alert",
+                    payload={}, notify=NotifyIn(
+                        channels=["push"], message=MessageIn("escalating", "open me"),
+                        escalate=EscalateIn(after=ESCALATE_AFTER_S, to=["sms"]))))
+                await open_half(url, escalated, escalating)
+                for n, event_id in enumerate(digest_events):
+                    await client.post_event(EventIn(
+                        event_id=event_id, author_id=f"{tag}-digest-author", kind="update",
+                        payload={}, notify=NotifyIn(channels=["push"],
+                                                    message=MessageIn(f"update {n}", "chaos"))))
+                kills, _ = await asyncio.gather(
+                    kill_workers(fleet, rng, args.kills),
+                    outage(fakes, Behaviour(**chaos), OUTAGE_AFTER_S, args.outage))
                 progress = 0
                 while True:
                     got = accepted(fakes)
                     missing = want.expected - set(got)
-                    if not missing or time.monotonic() - posted > args.deadline:
+                    tally = digest_tally(fakes.fcm.ledger.accepted, digesters, digest_events)
+                    if ((not missing and not tally.short)
+                            or time.monotonic() - posted > args.deadline):
                         break
                     if len(got) // 1000 != progress:
                         progress = len(got) // 1000
@@ -205,19 +354,31 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                 elapsed = time.monotonic() - posted
                 await asyncio.sleep(5.0)  # anything still in flight would land now
                 got = accepted(fakes)
+                tally = digest_tally(fakes.fcm.ledger.accepted, digesters, digest_events)
                 exited = fleet.exited()
             finally:
                 await client.aclose()
                 fleet.stop()
             stats = {name: ledger.stats() for name, ledger in fakes.ledgers().items()}
+    digest_users = {p.user_id for p in digesters}
+    others = {k for k in got if key_user(k) not in digest_users}
     row = {
-        "recipients": len(people), "allowed": len(want.expected),
+        "recipients": len(people) + len(digesters) + len(escalated),
+        "allowed": len(want.expected),
         "delivered_once": sum(1 for k in want.expected if got.get(k) == 1),
         "missing": len(want.expected - set(got)),
         "missing_by_channel": dict(Counter(k.rsplit(":", 2)[1] for k in
                                            want.expected - set(got))),
-        "forbidden_sent": len(want.forbidden & set(got)),
-        "unknown_sent": len(set(got) - want.expected - want.forbidden),
+        "forbidden_sent": len(want.forbidden & others),
+        "unknown_sent": len(others - want.expected - want.forbidden),
+        "escalations_sent": sum(1 for k in others if k.startswith(f"{escalating}:")
+                                and k.endswith(":sms:sms")),
+        "escalations_wanted": len(escalated) // 2,
+        "digest": {"devices": tally.devices, "events_each": len(digest_events),
+                   "sent_alone": tally.direct, "digests": tally.digests,
+                   "held_in_digests": tally.held, "short": tally.short, "over": tally.over,
+                   "unreadable": tally.unreadable},
+        "breaker": dict(breaker_transitions(log_dir)),
         "repeated_requests": sum(s["repeats"] for s in stats.values()),
         "provider_requests": sum(s["requests"] for s in stats.values()),
         "injected_failures": sum(sum(s["failures"].values()) for s in stats.values()),
@@ -237,7 +398,16 @@ def table(row: dict[str, Any]) -> str:
         f"| {row['recipients']} | {row['allowed']} | {row['delivered_once']} | {row['missing']} "
         f"| {row['forbidden_sent'] + row['unknown_sent']} | {row['repeated_requests']} "
         f"| {row['provider_requests']} | {row['injected_failures']} | {len(row['kills_at_s'])} "
-        f"| {row['seconds']} |"])
+        f"| {row['seconds']} |",
+        "",
+        "| digest group: devices x events | sent alone | digests | events in digests "
+        "| devices short | devices over | escalations sent / wanted | breaker transitions |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {row['digest']['devices']} x {row['digest']['events_each']} "
+        f"| {row['digest']['sent_alone']} | {row['digest']['digests']} "
+        f"| {row['digest']['held_in_digests']} | {row['digest']['short']} "
+        f"| {row['digest']['over']} | {row['escalations_sent']} / {row['escalations_wanted']} "
+        f"| {', '.join(f'{k}: {v}' for k, v in sorted(row['breaker'].items())) or 'none'} |"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=KILLS, help="worker SIGKILLs")
     parser.add_argument("--deadline", type=float, default=DEADLINE_S,
                         help="seconds to wait for every delivery")
+    parser.add_argument("--digest-recipients", type=int, default=DIGEST_RECIPIENTS)
+    parser.add_argument("--escalation-recipients", type=int, default=ESCALATION_RECIPIENTS)
+    parser.add_argument("--outage", type=float, default=OUTAGE_S,
+                        help="seconds FCM fails every call (its breaker opens)")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     env = Env(tuple(os.environ["FEEDSVC_CASSANDRA_HOSTS"].split(",")),
@@ -259,7 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     row = asyncio.run(run(env, args))
     print(table(row))
     ok = (row["missing"] == 0 and row["forbidden_sent"] == 0 and row["unknown_sent"] == 0
-          and row["delivered_once"] == row["allowed"] and not row["exited"])
+          and row["delivered_once"] == row["allowed"] and not row["exited"]
+          and row["escalations_sent"] == row["escalations_wanted"]
+          and not (row["digest"]["short"] or row["digest"]["over"]
+                   or row["digest"]["unreadable"]))
     return 0 if ok else 1
 
 
