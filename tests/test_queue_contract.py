@@ -157,3 +157,21 @@ async def test_a_scheduled_entry_waits_for_its_time(runtime: Runtime) -> None:
     await queue.ack(delivery)
     stats = await queue.stats()
     assert (stats.scheduled, stats.queued["sms"]) == (0, 0)
+
+
+async def test_send_once_claims_and_marks_a_tasks_targets_at_once(runtime: Runtime,
+                                                                  prefix: str) -> None:
+    """``claim_many`` / ``mark_sent_many``: one round trip for all of a task's targets,
+    each key with the state a single ``claim`` would give it."""
+    once = runtime.delivery.once
+    keys = [f"{prefix}:push:{target}" for target in "abc"]
+    assert await once.claim_many(keys, "w1", 30) == ["claimed"] * 3
+    assert await once.claim_many(keys, "w1", 30) == ["claimed"] * 3  # retried by its holder
+    await once.mark_sent_many(keys[:2])
+    assert await once.claim_many([*keys, f"{prefix}:push:d"], "w2", 30) == [
+        "sent", "sent", "busy", "claimed"]
+    await once.release(keys[2], "w1")
+    assert await once.claim_many(keys[2:], "w2", 30) == ["claimed"]
+    assert await once.claim(keys[0], "w3", 30) == "sent"
+    assert await once.claim_many([], "w2", 30) == []
+    await once.mark_sent_many([])

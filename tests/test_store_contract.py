@@ -8,12 +8,14 @@ from collections.abc import Sequence
 import pytest
 
 from feedsvc.clock import now_ms
+from feedsvc.delivery.state import DeliveryRecord
 from feedsvc.errors import ConfigError
 from feedsvc.model import Event, InboxItem, Position
 from feedsvc.runtime import Runtime
 from feedsvc.store import cassandra as cassandra_module
 from feedsvc.store.base import OUTBOX_BUCKET_MS, OutboxRow, outbox_bucket
 from feedsvc.store.cassandra import CassandraStore
+from feedsvc.store.policy import SentRef
 from tests.conftest import CassandraKeyspace, MakeRuntime
 from tests.servers import Endpoints, local_nodetool
 
@@ -301,3 +303,28 @@ async def test_cassandra_keyspace_name_is_case_insensitive(
         assert await store.counts("nobody") == (0, 0)
     finally:
         await store.close()
+
+
+async def test_a_notifications_records_and_message_ids_go_in_one_batch(
+        runtime: Runtime, prefix: str) -> None:
+    """``record_many`` / ``remember_many``: what a channel task writes once all its targets
+    answered (one request each on Cassandra), read back like single writes."""
+    log, receipts, user = runtime.delivery.log, runtime.policy.receipts, f"{prefix}-u"
+    event_id = f"{prefix}-e"
+    await log.record_many(event_id, user, [
+        DeliveryRecord("push", "b", "sent", attempts=1, updated_at=5),
+        DeliveryRecord("push", "a", "suppressed", "channel_not_configured", updated_at=5),
+    ], 3600)
+    await log.record_many(event_id, user, [], 3600)  # nothing to write: no request
+    await log.record_many(event_id, user, [DeliveryRecord("push", "a", "sent", attempts=2,
+                                                          updated_at=6)], 3600)  # upserts
+    assert [(r.target, r.status, r.attempts) for r in await log.records(event_id, user)] == [
+        ("a", "sent", 2), ("b", "sent", 1)]
+    refs = [SentRef(event_id, user, "push", target, f"tok-{target}") for target in "ab"]
+    await receipts.remember_many([("fcm", f"{prefix}-m1", refs[0]),
+                                  ("apns", f"{prefix}-m2", refs[1])], 3600)
+    assert await receipts.find("fcm", f"{prefix}-m1") == refs[0]
+    assert await receipts.find("apns", f"{prefix}-m2") == refs[1]
+    assert await receipts.find("fcm", f"{prefix}-m2") is None
+    assert await receipts.forget_user(user) == 2  # both indexed by the recipient
+    assert await receipts.find("fcm", f"{prefix}-m1") is None

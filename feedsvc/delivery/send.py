@@ -7,12 +7,13 @@
    contact (``no_contact``, or ``inactive`` after a bounce or an unreachable number).
 2. per target, a delivery with the key ``notification_id:channel:target``:
    - no provider configured for it: ``suppressed``/``channel_not_configured``;
-   - ``SendOnce.claim``: a key already sent is never sent again (a retry, a reclaim after
-     a crash, a dead-letter replay); a key another worker holds right now is looked at
-     again after its lease;
-   - render the text (the template in the recipient's locale, or the inline message); a
-     render error dead-letters the delivery with reason ``render_error``;
-   - the provider call, with ``Idempotency-Key: <delivery key>``; then ``mark_sent``.
+   - ``SendOnce.claim_many`` (every target's key in one round trip): a key already sent
+     is never sent again (a retry, a reclaim after a crash, a dead-letter replay); a key
+     another worker holds right now is looked at again after its lease;
+   - render the text once (the template in the recipient's locale, or the inline
+     message); a render error dead-letters each delivery with reason ``render_error``;
+   - the provider calls, with ``Idempotency-Key: <delivery key>``, all at once; then
+     ``mark_sent_many`` of those accepted, their log records, their message ids.
 3. outcomes: sent; a transient failure (connection, timeout, 5xx, 429) releases the claim
    and schedules a retry of that one target (exponential backoff with full jitter, capped,
    never sooner than the provider's Retry-After) until ``FEEDSVC_DELIVERY_MAX_ATTEMPTS``
@@ -20,9 +21,13 @@
    (``rejected``); a dead target deactivates the device or contact (``failed`` with the
    provider's reason).
 
-The one window left is a crash between the provider's answer and ``mark_sent``: the
+The one window left is a crash between the provider's answer and the sent mark: the
 redone delivery calls the provider again with the same ``Idempotency-Key``, which a
-provider that de-duplicates (the test fakes do) answers without a second message.
+provider that de-duplicates (the test fakes do) answers without a second message. A task's
+targets are claimed together and marked sent together once every call has answered (one
+Redis round trip each, not one per target), so that window lasts until the task's slowest
+provider call has answered, at most ``FEEDSVC_PROVIDER_TIMEOUT``; their log records and
+message ids are then written as one batch each.
 
 Policy (``feedsvc/delivery/policy.py``): each provider has a circuit breaker
 (``feedsvc/delivery/breaker.py``); while it is open a delivery is not attempted. A delivery
@@ -43,7 +48,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,6 +78,7 @@ from feedsvc.errors import (
 )
 from feedsvc.model import ChannelTask, Envelope
 from feedsvc.runtime import Runtime
+from feedsvc.store.policy import SentRef
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +126,90 @@ templates = _Templates()
 
 async def deliver(rt: Runtime, task: ChannelTask, providers: Providers, holder: str) -> None:
     """Every target of one recipient's notification on one channel (see the module), the
-    targets at once (a user has at most 20 devices)."""
+    targets at once (a user has at most 20 devices). The common case costs one round trip
+    per step for the whole task, not one per target: the claims, the provider calls, the
+    sent marks, the log records, the providers' message ids. What did not go out (a
+    retry, a breaker, a dead letter) is handled once the sent ones are marked."""
     reachable = await targets(rt, task)
-    if not reachable and task.target is None:
-        await fall_back(rt, task)
-    outcomes = await asyncio.gather(*(deliver_one(rt, task, target, providers, holder)
-                                      for target in reachable),
-                                    return_exceptions=True)
-    for outcome in outcomes:  # every target had its turn; then the first failure counts
-        if isinstance(outcome, BaseException):
-            raise outcome
+    if not reachable:
+        if task.target is None:
+            await fall_back(rt, task)
+        return
+    done: list[DeliveryRecord] = []
+    configured = []
+    for target in reachable:
+        if providers.for_target(target.kind) is None:
+            metrics.delivered(task.channel, target.kind, "suppressed")
+            done.append(_record(rt, task, target.target, "suppressed",
+                                "channel_not_configured"))
+        else:
+            configured.append(target)
+    keys = [claim_key(task.event.event_id, task.user_id, task.channel, target.target)
+            for target in configured]
+    lease = rt.settings.provider_timeout * 2 + 5
+    states = await rt.delivery.once.claim_many(keys, holder, lease) if keys else []
+    claimed = [(target, key) for target, key, state in zip(configured, keys, states,
+                                                              strict=True)
+               if state == "claimed"]
+    text = await _text(rt, task) if claimed else None
+    outcomes = await asyncio.gather(*(_call_target(rt, task, target, text, providers)
+                                      for target, _ in claimed), return_exceptions=True)
+    sent = [(target, key, outcome) for (target, key), outcome in zip(claimed, outcomes,
+                                                                     strict=True)
+            if isinstance(outcome, Receipt)]
+    if sent:
+        await rt.delivery.once.mark_sent_many([key for _, key, _ in sent])
+    for target, _, receipt in sent:
+        metrics.delivered(task.channel, target.kind, "sent")
+        done.append(_record(rt, task, target.target, "sent", None,
+                            _attempts(task, target) + 1))
+        log.debug("sent %s:%s:%s via %s (%s)", notification_id(task.event.event_id,
+                  task.user_id), task.channel, target.target, receipt.provider,
+                  receipt.message_id)
+    rest: list[Awaitable[None]] = [_written(rt, task, done, sent)]
+    rest += [_unsent(rt, task, target, key, holder, outcome)
+             for (target, key), outcome in zip(claimed, outcomes, strict=True)
+             if outcome is None or isinstance(outcome, Exception)]
+    rest += [_reschedule(rt, task, target, _attempts(task, target), BUSY_RECHECK_S)
+             for target, state in zip(configured, states, strict=True) if state == "busy"]
+    results = await asyncio.gather(*rest, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    failures += [o for o in outcomes  # a cancelled call: not handled by ``_unsent``
+                 if isinstance(o, BaseException) and not isinstance(o, Exception)]
+    if failures:  # every target had its turn; then the first failure redoes the task
+        raise failures[0]
+
+
+async def _written(rt: Runtime, task: ChannelTask, done: Sequence[DeliveryRecord],
+                   sent: Sequence[tuple[Target, str, Receipt]]) -> None:
+    """The log records, then the message ids (so a provider's status report, which finds
+    the delivery by its id, never lands before the ``sent`` it moves on)."""
+    ttl = max(1, rt.ttl_left_s(task.event.created_at))
+    await rt.delivery.log.record_many(task.event.event_id, task.user_id, done, ttl)
+    await remember_sent(rt, [(receipt.provider, receipt.message_id, SentRef(
+        task.event.event_id, task.user_id, task.channel, target.target, target.address))
+                             for target, _, receipt in sent], ttl)
+
+
+def _attempts(task: ChannelTask, target: Target) -> int:
+    """Provider calls already made for ``target`` (a scheduled retry carries them)."""
+    return task.attempt if task.target == target.target else 0
+
+
+def _record(rt: Runtime, task: ChannelTask, target: str, status: DeliveryStatus,
+            reason: str | None = None, attempts: int = 0, digest: str | None = None
+            ) -> DeliveryRecord:
+    return DeliveryRecord(task.channel, target, status, reason, attempts, rt.now_ms(), digest)
+
+
+async def _text(rt: Runtime, task: ChannelTask) -> tuple[str, str] | Exception:
+    """The title and body every target of the task gets, or why there are none (each
+    claimed target then fails with it: a render error is dead-lettered, anything else
+    redoes the task)."""
+    try:
+        return await text_of(rt, task)
+    except Exception as exc:
+        return exc
 
 
 async def _log(rt: Runtime, task: ChannelTask, target: str, status: DeliveryStatus,
@@ -137,7 +217,7 @@ async def _log(rt: Runtime, task: ChannelTask, target: str, status: DeliveryStat
                ) -> None:
     await rt.delivery.log.record(
         task.event.event_id, task.user_id,
-        DeliveryRecord(task.channel, target, status, reason, attempts, rt.now_ms(), digest),
+        _record(rt, task, target, status, reason, attempts, digest),
         max(1, rt.ttl_left_s(task.event.created_at)))
 
 
@@ -234,47 +314,37 @@ def _data(task: ChannelTask, nid: str) -> dict[str, str]:
     return out
 
 
-async def deliver_one(rt: Runtime, task: ChannelTask, target: Target, providers: Providers,
-                      holder: str) -> None:
-    nid = notification_id(task.event.event_id, task.user_id)
-    key = f"{nid}:{task.channel}:{target.target}"  # the delivery key providers see
-    once = claim_key(task.event.event_id, task.user_id, task.channel, target.target)
-    attempts = task.attempt if task.target == target.target else 0
+async def _call_target(rt: Runtime, task: ChannelTask, target: Target,
+                       text: tuple[str, str] | Exception | None, providers: Providers
+                       ) -> Receipt | None:
+    """The provider call of one claimed target: the receipt when the provider accepted;
+    None when its breaker is open (no call); otherwise raises what went wrong."""
+    if isinstance(text, Exception):
+        raise text
     provider = providers.for_target(target.kind)
-    if provider is None:
-        metrics.delivered(task.channel, target.kind, "suppressed")
-        await _log(rt, task, target.target, "suppressed", "channel_not_configured")
-        return
-    lease = rt.settings.provider_timeout * 2 + 5
-    state = await rt.delivery.once.claim(once, holder, lease)
-    if state == "sent":
-        return
-    if state == "busy":  # another worker is sending it right now: look again later
-        await _reschedule(rt, task, target, attempts, BUSY_RECHECK_S)
-        return
+    assert provider is not None and text is not None
     breaker = rt.breakers.get(target.kind)
-    try:
-        title, body = await text_of(rt, task)
-        if not breaker.allow(rt.now_ms() / 1000):
-            with contextlib.suppress(RetryableError):
-                await rt.delivery.once.release(once, holder)
-            await _breaker_open(rt, task, target, attempts, breaker)
-            return
-        receipt = await _call(rt, breaker, provider.send(Outgoing(
-            key=key, kind=target.kind, address=target.address, title=title, body=body,
-            data=_data(task, nid), priority=task.event.priority, webpush=target.webpush)))
-    except Exception as exc:
-        with contextlib.suppress(RetryableError):  # else the lease runs out by itself
-            await rt.delivery.once.release(once, holder)
-        await _not_sent(rt, task, target, exc, attempts)
-        return
-    await rt.delivery.once.mark_sent(once)
-    metrics.delivered(task.channel, target.kind, "sent")
-    await _log(rt, task, target.target, "sent", None, attempts + 1)
-    await remember_sent(rt, receipt.provider, receipt.message_id, task.event.event_id,
-                        task.user_id, task.channel, target.target, target.address,
-                        rt.ttl_left_s(task.event.created_at))
-    log.debug("sent %s via %s (%s)", key, receipt.provider, receipt.message_id)
+    if not breaker.allow(rt.now_ms() / 1000):
+        return None
+    nid = notification_id(task.event.event_id, task.user_id)
+    title, body = text
+    return await _call(rt, breaker, provider.send(Outgoing(
+        key=f"{nid}:{task.channel}:{target.target}", kind=target.kind,
+        address=target.address, title=title, body=body, data=_data(task, nid),
+        priority=task.event.priority, webpush=target.webpush)))
+
+
+async def _unsent(rt: Runtime, task: ChannelTask, target: Target, key: str, holder: str,
+                  outcome: Exception | None) -> None:
+    """A claimed target that did not go out: its claim released (else the lease runs out by
+    itself), then a wait for its breaker (``None``), or what its failure leads to."""
+    with contextlib.suppress(RetryableError):
+        await rt.delivery.once.release(key, holder)
+    attempts = _attempts(task, target)
+    if outcome is None:
+        await _breaker_open(rt, task, target, attempts, rt.breakers.get(target.kind))
+    else:
+        await _not_sent(rt, task, target, outcome, attempts)
 
 
 async def _call(rt: Runtime, breaker: CircuitBreaker, call: Awaitable[Receipt]) -> Receipt:

@@ -16,6 +16,7 @@ queue file, ``feedsvc/queue/sendonce_*.py``); policy state too (``policy_*.py``)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -58,6 +59,10 @@ class DeliveryLog(Protocol):
                      ttl_s: int) -> None:
         """Upsert the record of (notification, channel, target)."""
 
+    async def record_many(self, event_id: str, user_id: str,
+                          records: Sequence[DeliveryRecord], ttl_s: int) -> None:
+        """Upsert several records of one notification in one request."""
+
     async def records(self, event_id: str, user_id: str) -> list[DeliveryRecord]:
         """Every record of one notification, by channel then target."""
 
@@ -67,7 +72,14 @@ class SendOnce(Protocol):
         """``claimed`` (the caller may send, for ``lease_s``), ``sent`` (never again) or
         ``busy`` (another worker holds the lease)."""
 
+    async def claim_many(self, keys: Sequence[str], holder: str, lease_s: float
+                         ) -> list[ClaimState]:
+        """``claim`` of each key, in one round trip; the states in the keys' order."""
+
     async def mark_sent(self, key: str) -> None: ...
+
+    async def mark_sent_many(self, keys: Sequence[str]) -> None:
+        """``mark_sent`` of each key, in one round trip."""
 
     async def release(self, key: str, holder: str) -> None:
         """Drop the caller's lease (the send failed): the key may be claimed again."""

@@ -30,7 +30,7 @@ import binascii
 import hashlib
 import hmac
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -39,7 +39,6 @@ from feedsvc.delivery.providers.sms import DEAD_CODES
 from feedsvc.delivery.recipients import deactivate_contact
 from feedsvc.delivery.state import DeliveryRecord, DeliveryStatus
 from feedsvc.errors import Forbidden, RetryableError
-from feedsvc.model import Channel
 from feedsvc.runtime import Runtime
 from feedsvc.store.policy import SentRef
 
@@ -155,20 +154,19 @@ class StatusOut(msgspec.Struct):
 # --- I/O ------------------------------------------------------------------------------------
 
 
-async def remember_sent(rt: Runtime, provider: str, message_id: str, event_id: str,
-                        user_id: str, channel: Channel, target: str, address: str,
+async def remember_sent(rt: Runtime, sent: Sequence[tuple[str, str, SentRef]],
                         ttl_s: int) -> None:
-    """A provider accepted a delivery: its message id names it from now on. The send is
-    done whatever happens here: a store outage only costs that message's status reports
-    (answered ``unknown_message``)."""
-    if not message_id:
+    """Providers accepted these deliveries (provider, message id, what was sent): each
+    message id names its delivery from now on. The sends are done whatever happens here:
+    a store outage only costs those messages' status reports (``unknown_message``)."""
+    sent = [item for item in sent if item[1]]
+    if not sent:
         return
     try:
-        await rt.policy.receipts.remember(
-            provider, message_id, SentRef(event_id, user_id, channel, target, address),
-            max(1, ttl_s))
+        await rt.policy.receipts.remember_many(sent, max(1, ttl_s))
     except RetryableError as exc:
-        log.warning("message id %s of %s not recorded: %s", message_id, provider, exc)
+        log.warning("%d message ids of %s not recorded: %s", len(sent),
+                    ", ".join(sorted({p for p, _, _ in sent})), exc)
 
 
 async def apply_status(rt: Runtime, provider: str, message_id: str, reported: Reported,

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from feedsvc.clock import now_ms
 from feedsvc.delivery.state import SENT_TTL_S, ClaimState
 from feedsvc.queue.embedded import EmbeddedQueue
@@ -26,23 +28,42 @@ class SqliteSendOnce:
         return cls(queue)
 
     async def claim(self, key: str, holder: str, lease_s: float) -> ClaimState:
-        def claim() -> ClaimState:
-            db, now = self.queue.db, now_ms()
-            with self.queue.transaction():
-                row = db.execute("SELECT sent, until_ms FROM send_once WHERE key = ?",
-                                 (key,)).fetchone()
-                if row is not None and row[1] > now:
-                    return "sent" if row[0] else "busy"
-                db.execute("INSERT OR REPLACE INTO send_once VALUES (?, ?, ?, 0)",
-                           (key, holder, now + max(1, int(lease_s * 1000))))
-                return "claimed"
+        return (await self.claim_many([key], holder, lease_s))[0]
 
-        return await self.queue._run(claim)
+    async def claim_many(self, keys: Sequence[str], holder: str, lease_s: float
+                         ) -> list[ClaimState]:
+        def claim() -> list[ClaimState]:
+            db, now = self.queue.db, now_ms()
+            states: list[ClaimState] = []
+            with self.queue.transaction():
+                for key in keys:
+                    row = db.execute("SELECT sent, until_ms, holder FROM send_once WHERE "
+                                     "key = ?", (key,)).fetchone()
+                    # A live lease of another holder, or sent; the caller's own lease is
+                    # claimed again (a task redone by the worker that holds it).
+                    if row is not None and row[1] > now and (row[0] or row[2] != holder):
+                        states.append("sent" if row[0] else "busy")
+                        continue
+                    db.execute("INSERT OR REPLACE INTO send_once VALUES (?, ?, ?, 0)",
+                               (key, holder, now + max(1, int(lease_s * 1000))))
+                    states.append("claimed")
+            return states
+
+        return await self.queue._run(claim) if keys else []
 
     async def mark_sent(self, key: str) -> None:
-        await self.queue._run(self.queue.db.execute,
-                              "INSERT OR REPLACE INTO send_once VALUES (?, NULL, ?, 1)",
-                              (key, now_ms() + SENT_TTL_S * 1000))
+        await self.mark_sent_many([key])
+
+    async def mark_sent_many(self, keys: Sequence[str]) -> None:
+        def mark() -> None:
+            until = now_ms() + SENT_TTL_S * 1000
+            with self.queue.transaction():
+                self.queue.db.executemany(
+                    "INSERT OR REPLACE INTO send_once VALUES (?, NULL, ?, 1)",
+                    [(key, until) for key in keys])
+
+        if keys:
+            await self.queue._run(mark)
 
     async def release(self, key: str, holder: str) -> None:
         await self.queue._run(self.queue.db.execute,

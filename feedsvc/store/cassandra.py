@@ -124,6 +124,19 @@ def inbox_batch(ps: PreparedStatement, user_ids: Sequence[str],
     return batch
 
 
+def _unlogged(bound: Sequence[Any]) -> Any:
+    """One bound statement as it is, or several as an unlogged batch routed by the first;
+    both idempotent (upserts: safe to send again after a write timeout)."""
+    if len(bound) == 1:
+        statement = bound[0]
+    else:
+        statement = BatchStatement(batch_type=BatchType.UNLOGGED)
+        for one in bound:
+            statement.add(one)
+    statement.is_idempotent = True
+    return statement
+
+
 def follower_shard(follower_id: str) -> int:
     return zlib.crc32(follower_id.encode()) % FOLLOWER_SHARDS
 
@@ -390,6 +403,26 @@ class CassandraStore:
             return await self._execute(statement, params, TUPLES)
         except RequestValidationException as exc:
             raise PermanentError(f"cassandra refused a request: {exc}") from exc
+
+    async def run_batch(self, items: Sequence[tuple[PreparedStatement, Sequence[Any]]]
+                        ) -> None:
+        """A few of another port's upserts (a delivery's log records, its provider ids) in
+        one request per replica set that owns them (one request on a single node), each an
+        unlogged batch, through the same error map as ``run``."""
+        groups: dict[tuple[str, ...], list[Any]] = {}
+        several = len(self.cluster.metadata.all_hosts()) > 1
+        for statement, params in items:
+            bound = statement.bind(params)
+            owners: tuple[str, ...] = ()
+            if several:
+                owners = tuple(sorted(str(h.endpoint) for h in self.cluster.metadata
+                                      .get_replicas(self.keyspace, bound.routing_key)))
+            groups.setdefault(owners, []).append(bound)
+        try:
+            await asyncio.gather(*(self._execute(_unlogged(group), None, TUPLES)
+                                   for group in groups.values()))
+        except RequestValidationException as exc:
+            raise PermanentError(f"cassandra refused a batch: {exc}") from exc
 
     async def _execute(self, statement: Any, params: Any = None,
                        profile: Any = EXEC_PROFILE_DEFAULT, *, bulk: bool = False

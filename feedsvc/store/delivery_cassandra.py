@@ -4,7 +4,7 @@ store's session. Rows hold msgpack bodies; writes are upserts."""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Sequence
 
 import msgspec
 from cassandra.query import PreparedStatement
@@ -49,10 +49,18 @@ class CassandraDeliveryStore:
 
     async def record(self, event_id: str, user_id: str, record: DeliveryRecord,
                      ttl_s: int) -> None:
-        await asyncio.gather(
-            self.store.run(self._ps["record"], event_id, user_id, record.channel,
-                           record.target, _encoder.encode(record), max(1, ttl_s)),
-            self.store.run(self._ps["index_user"], user_id, event_id, max(1, ttl_s)))
+        await self.record_many(event_id, user_id, (record,), ttl_s)
+
+    async def record_many(self, event_id: str, user_id: str,
+                          records: Sequence[DeliveryRecord], ttl_s: int) -> None:
+        """One unlogged batch: the records (one partition) and the user's index row."""
+        if not records:
+            return
+        ttl = max(1, ttl_s)
+        await self.store.run_batch(
+            [(self._ps["record"], (event_id, user_id, r.channel, r.target, _encoder.encode(r),
+                                   ttl)) for r in records]
+            + [(self._ps["index_user"], (user_id, event_id, ttl))])
 
     async def records(self, event_id: str, user_id: str) -> list[DeliveryRecord]:
         rows = await self.store.run(self._ps["records"], event_id, user_id)

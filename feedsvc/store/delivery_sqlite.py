@@ -5,6 +5,8 @@ read and purged with the store's."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 from feedsvc.clock import now_ms
@@ -48,11 +50,22 @@ class SqliteDeliveryStore:
 
     async def record(self, event_id: str, user_id: str, record: DeliveryRecord,
                      ttl_s: int) -> None:
-        await self.store._run(
-            self.store.db.execute,
-            "INSERT OR REPLACE INTO deliveries_by_recipient VALUES (?, ?, ?, ?, ?, ?)",
-            (event_id, user_id, record.channel, record.target, _encoder.encode(record),
-             now_ms() + max(1, ttl_s) * 1000))
+        await self.record_many(event_id, user_id, (record,), ttl_s)
+
+    async def record_many(self, event_id: str, user_id: str,
+                          records: Sequence[DeliveryRecord], ttl_s: int) -> None:
+        expires = now_ms() + max(1, ttl_s) * 1000
+        rows = [(event_id, user_id, r.channel, r.target, _encoder.encode(r), expires)
+                for r in records]
+
+        def write() -> None:
+            with self.store.transaction():
+                self.store.db.executemany(
+                    "INSERT OR REPLACE INTO deliveries_by_recipient VALUES (?, ?, ?, ?, ?, ?)",
+                    rows)
+
+        if rows:
+            await self.store._run(write)
 
     async def records(self, event_id: str, user_id: str) -> list[DeliveryRecord]:
         rows = await self.store._run(lambda: self.store.db.execute(

@@ -16,6 +16,7 @@ file), on the feed store's session or file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -38,6 +39,10 @@ class ProviderIds(Protocol):
     async def remember(self, provider: str, message_id: str, ref: SentRef,
                        ttl_s: int) -> None:
         """Upsert; also indexed by the recipient, for erasure."""
+
+    async def remember_many(self, sent: Sequence[tuple[str, str, SentRef]],
+                            ttl_s: int) -> None:
+        """``remember`` of each (provider, message id, ref), in one request."""
 
     async def find(self, provider: str, message_id: str) -> SentRef | None: ...
 

@@ -6,6 +6,7 @@ here too, so the feed's ``Store`` keeps only what the feed needs."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import msgspec
 from cassandra.query import PreparedStatement
@@ -87,10 +88,20 @@ class CassandraPolicyStore:
 
     async def remember(self, provider: str, message_id: str, ref: SentRef,
                        ttl_s: int) -> None:
+        await self.remember_many([(provider, message_id, ref)], ttl_s)
+
+    async def remember_many(self, sent: Sequence[tuple[str, str, SentRef]],
+                            ttl_s: int) -> None:
+        """One unlogged batch: a row per message id and the recipients' index rows (a
+        delivery's ids share one recipient, so that index is one partition)."""
         ttl = max(1, ttl_s)
-        await asyncio.gather(
-            self._run("remember", provider, message_id, _encoder.encode(ref), ttl),
-            self._run("remember_user", ref.user_id, provider, message_id, ttl))
+        rows: list[tuple[PreparedStatement, Sequence[object]]] = []
+        for provider, message_id, ref in sent:
+            rows.append((self._ps["remember"], (provider, message_id, _encoder.encode(ref),
+                                                ttl)))
+            rows.append((self._ps["remember_user"], (ref.user_id, provider, message_id, ttl)))
+        if rows:
+            await self.store.run_batch(rows)
 
     async def find(self, provider: str, message_id: str) -> SentRef | None:
         rows = await self._run("find", provider, message_id)
