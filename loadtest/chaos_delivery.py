@@ -346,9 +346,10 @@ async def run(env: Env, args: argparse.Namespace) -> dict[str, Any]:
                     if ((not missing and not tally.short)
                             or time.monotonic() - posted > args.deadline):
                         break
-                    if len(got) // 1000 != progress:
-                        progress = len(got) // 1000
-                        log(f"{len(got)} of {len(want.expected)} accepted after "
+                    done = len(want.expected) - len(missing)
+                    if done // 1000 != progress:
+                        progress = done // 1000
+                        log(f"{done} of {len(want.expected)} accepted after "
                             f"{time.monotonic() - posted:.0f} s")
                     await asyncio.sleep(2.0)
                 elapsed = time.monotonic() - posted
