@@ -175,3 +175,13 @@ async def test_send_once_claims_and_marks_a_tasks_targets_at_once(runtime: Runti
     assert await once.claim(keys[0], "w3", 30) == "sent"
     assert await once.claim_many([], "w2", 30) == []
     await once.mark_sent_many([])
+
+
+async def test_nothing_is_before_the_first_possible_dead_letter(runtime: Runtime) -> None:
+    """``GET /v1/dlq?cursor=0-0`` (found by ``make fuzz``): Redis refuses ``(0-0`` as a
+    range bound, which made the page a 503; before the first possible id is nothing."""
+    await runtime.queue.bury("push", "medium", envelope("dead", runtime.now_ms()), "test",
+                             "buried")
+    assert len(await runtime.queue.dead_letters(10)) == 1
+    for cursor in ("0-0", "00-000", "0:0-0"):
+        assert await runtime.queue.dead_letters(10, cursor) == []
