@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +52,15 @@ class SqliteFile:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    async def write_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """``sql`` once per row, in one transaction on the file's thread (none for no rows)."""
+        def write() -> None:
+            with self.transaction():
+                self.db.executemany(sql, rows)
+
+        if rows:
+            await self._run(write)
 
     @property
     def db(self) -> sqlite3.Connection:

@@ -76,8 +76,6 @@ class SendOnce(Protocol):
                          ) -> list[ClaimState]:
         """``claim`` of each key, in one round trip; the states in the keys' order."""
 
-    async def mark_sent(self, key: str) -> None: ...
-
     async def mark_sent_many(self, keys: Sequence[str]) -> None:
         """``mark_sent`` of each key, in one round trip."""
 

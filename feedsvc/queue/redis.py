@@ -460,8 +460,7 @@ class RedisQueue:
         bound = "+"
         if before:
             parsed = self._parse_dlq_id(before)
-            ms, _, seq = parsed[1].partition("-") if parsed else ("0", "", "0")
-            if parsed is None or (int(ms) == 0 and seq and int(seq) == 0):
+            if parsed is None or set(parsed[1]) <= {"0", "-"}:
                 return []  # nothing is before 0-0 (and Redis refuses "(0-0" as a bound)
             bound = f"({parsed[1]}"
         found: list[tuple[tuple[int, int], DeadLetter]] = []

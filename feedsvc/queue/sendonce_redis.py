@@ -51,9 +51,6 @@ class RedisSendOnce:
         return ["claimed" if taken or value == mine else "sent" if value == _SENT else "busy"
                 for taken, value in zip(replies[::2], replies[1::2], strict=True)]
 
-    async def mark_sent(self, key: str) -> None:
-        await self.mark_sent_many([key])
-
     async def mark_sent_many(self, keys: Sequence[str]) -> None:
         if not keys:
             return

@@ -51,19 +51,10 @@ class SqliteSendOnce:
 
         return await self.queue._run(claim) if keys else []
 
-    async def mark_sent(self, key: str) -> None:
-        await self.mark_sent_many([key])
-
     async def mark_sent_many(self, keys: Sequence[str]) -> None:
-        def mark() -> None:
-            until = now_ms() + SENT_TTL_S * 1000
-            with self.queue.transaction():
-                self.queue.db.executemany(
-                    "INSERT OR REPLACE INTO send_once VALUES (?, NULL, ?, 1)",
-                    [(key, until) for key in keys])
-
-        if keys:
-            await self.queue._run(mark)
+        until = now_ms() + SENT_TTL_S * 1000
+        await self.queue.write_many("INSERT OR REPLACE INTO send_once VALUES (?, NULL, ?, 1)",
+                                    [(key, until) for key in keys])
 
     async def release(self, key: str, holder: str) -> None:
         await self.queue._run(self.queue.db.execute,

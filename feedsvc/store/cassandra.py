@@ -98,14 +98,18 @@ def rows_per_batch(row_bytes: int) -> int:
     return max(1, min(BATCH_ROWS, BATCH_BYTES // (row_bytes + ROW_OVERHEAD)))
 
 
+def replica_set(metadata: Any, keyspace: str, routing_key: bytes) -> tuple[str, ...]:
+    """The nodes that own a partition (its serialized key), in a stable order."""
+    return tuple(sorted(str(h.endpoint) for h in metadata.get_replicas(keyspace, routing_key)))
+
+
 def replica_groups(metadata: Any, keyspace: str, user_ids: Sequence[str]) -> list[list[str]]:
     """Partition keys grouped by the replica set that owns them (one group on one node)."""
     if len(metadata.all_hosts()) == 1:
         return [list(user_ids)]
     groups: dict[tuple[str, ...], list[str]] = {}
     for user_id in user_ids:
-        replicas = metadata.get_replicas(keyspace, user_id.encode())
-        groups.setdefault(tuple(sorted(str(h.endpoint) for h in replicas)), []).append(user_id)
+        groups.setdefault(replica_set(metadata, keyspace, user_id.encode()), []).append(user_id)
     return list(groups.values())
 
 
@@ -409,14 +413,12 @@ class CassandraStore:
         """A few of another port's upserts (a delivery's log records, its provider ids) in
         one request per replica set that owns them (one request on a single node), each an
         unlogged batch, through the same error map as ``run``."""
+        metadata = self.cluster.metadata
+        several = len(metadata.all_hosts()) > 1
         groups: dict[tuple[str, ...], list[Any]] = {}
-        several = len(self.cluster.metadata.all_hosts()) > 1
         for statement, params in items:
             bound = statement.bind(params)
-            owners: tuple[str, ...] = ()
-            if several:
-                owners = tuple(sorted(str(h.endpoint) for h in self.cluster.metadata
-                                      .get_replicas(self.keyspace, bound.routing_key)))
+            owners = replica_set(metadata, self.keyspace, bound.routing_key) if several else ()
             groups.setdefault(owners, []).append(bound)
         try:
             await asyncio.gather(*(self._execute(_unlogged(group), None, TUPLES)

@@ -55,17 +55,10 @@ class SqliteDeliveryStore:
     async def record_many(self, event_id: str, user_id: str,
                           records: Sequence[DeliveryRecord], ttl_s: int) -> None:
         expires = now_ms() + max(1, ttl_s) * 1000
-        rows = [(event_id, user_id, r.channel, r.target, _encoder.encode(r), expires)
-                for r in records]
-
-        def write() -> None:
-            with self.store.transaction():
-                self.store.db.executemany(
-                    "INSERT OR REPLACE INTO deliveries_by_recipient VALUES (?, ?, ?, ?, ?, ?)",
-                    rows)
-
-        if rows:
-            await self.store._run(write)
+        await self.store.write_many(
+            "INSERT OR REPLACE INTO deliveries_by_recipient VALUES (?, ?, ?, ?, ?, ?)",
+            [(event_id, user_id, r.channel, r.target, _encoder.encode(r), expires)
+             for r in records])
 
     async def records(self, event_id: str, user_id: str) -> list[DeliveryRecord]:
         rows = await self.store._run(lambda: self.store.db.execute(

@@ -36,13 +36,10 @@ class SentRef(msgspec.Struct, frozen=True):
 
 
 class ProviderIds(Protocol):
-    async def remember(self, provider: str, message_id: str, ref: SentRef,
-                       ttl_s: int) -> None:
-        """Upsert; also indexed by the recipient, for erasure."""
-
     async def remember_many(self, sent: Sequence[tuple[str, str, SentRef]],
                             ttl_s: int) -> None:
-        """``remember`` of each (provider, message id, ref), in one request."""
+        """Upsert each (provider, message id, ref), in one request; also indexed by the
+        recipient, for erasure."""
 
     async def find(self, provider: str, message_id: str) -> SentRef | None: ...
 

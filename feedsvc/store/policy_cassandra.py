@@ -86,10 +86,6 @@ class CassandraPolicyStore:
 
     # --- ProviderIds --------------------------------------------------------------------
 
-    async def remember(self, provider: str, message_id: str, ref: SentRef,
-                       ttl_s: int) -> None:
-        await self.remember_many([(provider, message_id, ref)], ttl_s)
-
     async def remember_many(self, sent: Sequence[tuple[str, str, SentRef]],
                             ttl_s: int) -> None:
         """One unlogged batch: a row per message id and the recipients' index rows (a

@@ -59,24 +59,13 @@ class SqlitePolicyStore:
 
     # --- ProviderIds --------------------------------------------------------------------
 
-    async def remember(self, provider: str, message_id: str, ref: SentRef,
-                       ttl_s: int) -> None:
-        await self.remember_many([(provider, message_id, ref)], ttl_s)
-
     async def remember_many(self, sent: Sequence[tuple[str, str, SentRef]],
                             ttl_s: int) -> None:
         expires = now_ms() + max(1, ttl_s) * 1000
-        rows = [(provider, message_id, ref.user_id, _encoder.encode(ref), expires)
-                for provider, message_id, ref in sent]
-
-        def write() -> None:
-            with self.store.transaction():
-                self.store.db.executemany(
-                    "INSERT OR REPLACE INTO delivery_by_provider_id VALUES (?, ?, ?, ?, ?)",
-                    rows)
-
-        if rows:
-            await self.store._run(write)
+        await self.store.write_many(
+            "INSERT OR REPLACE INTO delivery_by_provider_id VALUES (?, ?, ?, ?, ?)",
+            [(provider, message_id, ref.user_id, _encoder.encode(ref), expires)
+             for provider, message_id, ref in sent])
 
     async def find(self, provider: str, message_id: str) -> SentRef | None:
         rows = await self._all("SELECT body FROM delivery_by_provider_id WHERE provider = ? "

@@ -199,13 +199,8 @@ class SqliteStore(SqliteFile):
             for u in user_ids
         ]
 
-        def write() -> None:
-            with self.transaction():
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO inbox_by_user VALUES (?, ?, ?, ?, ?, ?, ?)", rows
-                )
-
-        await self._run(write)
+        await self.write_many("INSERT OR REPLACE INTO inbox_by_user VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              rows)
 
     async def read_inbox(
         self, user_id: str, before: Position | None, limit: int
