@@ -393,3 +393,4 @@ async def test_a_paused_cassandra_is_waited_out(
         finally:
             stop.set()
             await asyncio.wait_for(workers, timeout=30)
+            await api.client.close()  # the app stops before its runtime closes, as in serve

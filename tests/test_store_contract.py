@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 
 import pytest
+from cassandra.protocol import ErrorMessage
 
 from feedsvc.clock import now_ms
 from feedsvc.delivery.state import DeliveryRecord
-from feedsvc.errors import ConfigError
+from feedsvc.errors import ConfigError, RetryableError
 from feedsvc.model import Event, InboxItem, Position
 from feedsvc.runtime import Runtime
 from feedsvc.store import cassandra as cassandra_module
@@ -273,6 +275,48 @@ async def test_cassandra_resends_a_batch_after_a_write_timeout(
     assert cassandra_store.requests_resent > resent  # timeouts did happen
     inboxes = await asyncio.gather(*(cassandra_store.read_inbox(u, None, 5) for u in users))
     assert all([i.event_id for i in inbox] == [item.event_id] for inbox in inboxes)
+
+
+async def test_cassandra_follow_counts_once_when_a_transaction_is_unsure(
+        cassandra_store: CassandraStore, endpoints: Endpoints, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A follow's lightweight transaction can time out after it took effect (or a cluster
+    answers "CAS operation result is unknown"): the store asks again with the same op, and
+    a refusal showing that op is its own edge, counted once. First the answer of an applied
+    attempt is lost by hand (the edge written with the op, as that attempt would have),
+    then real timeouts: the node's CAS contention timeout cut to 1 ms while 400 fans
+    follow at once, and put back once a transaction has been asked again."""
+    store, author = cassandra_store, f"{prefix}-star"
+    op = uuid.uuid4()
+    await store._q("follow", f"{prefix}-lost", author, op)  # applied; its answer was lost
+    assert await store._follow(f"{prefix}-lost", author, op)  # the retry sees its own op
+    assert not await store.follow(f"{prefix}-lost", author)  # another call's op: not new
+    assert await store.counts(author) == (1, 0)
+    assert await store.counts(f"{prefix}-lost") == (0, 1)
+    # The unknown outcome a cluster reports is an unsure write, retried; never a 500.
+    unknown = cassandra_module._server_error(ErrorMessage(0x1700, "proposal accepted by 1", None))
+    assert isinstance(unknown, cassandra_module._WriteTimedOut)
+    assert isinstance(cassandra_module._server_error(ErrorMessage(0x1001, "busy", None)),
+                      RetryableError)
+
+    monkeypatch.setattr(cassandra_module, "TIMEOUT_TRIES", 60)
+    fans = [f"{prefix}-f{i:03d}" for i in range(400)]
+    resent = store.requests_resent
+    await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "cascontention", "1")
+    follows = asyncio.ensure_future(asyncio.gather(*(store.follow(f, author) for f in fans)))
+    try:
+        for _ in range(200):
+            if store.requests_resent > resent or follows.done():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "cascontention",
+                                "1000")
+    results = await asyncio.wait_for(follows, 120)
+    assert store.requests_resent > resent  # transactions were unsure and asked again
+    assert all(results)
+    assert await store.counts(author) == (401, 0)
+    assert [await store.counts(f) for f in fans[::37]] == [(0, 1)] * len(fans[::37])
 
 
 async def test_cassandra_store_names_a_missing_keyspace(

@@ -42,6 +42,7 @@ RUNTIME = web.AppKey("runtime", Runtime)
 ACCESS = web.AppKey("access", dict)
 PRINCIPAL = web.RequestKey("principal", Principal)
 BUCKETS = web.AppKey("buckets", Buckets)  # set only when a rate limit is configured
+NOTICES_STOP_S = 5.0  # how long shutdown waits for the notices listener to stop
 
 
 def json_response(body: object, status: int = 200) -> web.Response:
@@ -173,8 +174,13 @@ def _notices_ctx(rt: Runtime) -> Callable[[web.Application], AsyncIterator[None]
         task = asyncio.create_task(rt.notices.listen())
         yield
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # Bounded: a Redis client stuck in its own retries must not hold the shutdown.
+        done, _ = await asyncio.wait({task}, timeout=NOTICES_STOP_S)
+        if not done:
+            log.warning("read-cache notices did not stop within %.0f s; left behind",
+                        NOTICES_STOP_S)
+        elif not task.cancelled() and task.exception() is not None:
+            log.warning("read-cache notices had ended: %s", task.exception())
 
     return ctx
 

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import random
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -42,6 +43,7 @@ from cassandra.policies import (
     ExponentialReconnectionPolicy,
     TokenAwarePolicy,
 )
+from cassandra.protocol import ErrorMessage
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, tuple_factory
 
 from feedsvc import metrics
@@ -80,6 +82,9 @@ _CHECKPOINT = "fanout"  # the outbox_checkpoint row of the fan-out sweeper
 _item_encoder = msgspec.msgpack.Encoder()
 _item_decoder = msgspec.msgpack.Decoder(InboxItem)
 _event_decoder = msgspec.msgpack.Decoder(Event)
+# Protocol v5's CAS_WRITE_UNKNOWN, which the driver raises as a bare ErrorMessage: a
+# lightweight transaction's proposal reached some replicas but not a quorum.
+_CAS_WRITE_UNKNOWN = 0x1700
 _DRIVER_ERRORS = (DriverException, RequestExecutionException, OperationTimedOut, NoHostAvailable)
 
 
@@ -223,8 +228,19 @@ async def _wait(future: ResponseFuture) -> list[Any]:
         if exc.errors and all(isinstance(e, ConnectionBusy) for e in exc.errors.values()):
             raise _SocketsFull(f"cassandra: {exc}") from exc
         raise RetryableError(f"cassandra: {exc}") from exc
+    except ErrorMessage as exc:  # server errors the driver has no exception class for
+        raise _server_error(exc) from exc
     except _DRIVER_ERRORS as exc:
         raise RetryableError(f"cassandra: {exc}") from exc
+
+
+def _server_error(exc: ErrorMessage) -> RetryableError:
+    """A server error the driver raises as a bare ``ErrorMessage`` (no exception class of
+    its own): an unknown lightweight-transaction outcome is an unsure write; the rest (an
+    overloaded or bootstrapping node, a server error) are worth trying again later."""
+    if exc.code == _CAS_WRITE_UNKNOWN:
+        return _WriteTimedOut(f"cassandra: {exc}")
+    return RetryableError(f"cassandra: {exc}")
 
 
 class _WriteTimedOut(RetryableError):
@@ -347,8 +363,8 @@ class CassandraStore:
                                 "AND created_at = ? AND event_id = ?",
             "trim_inbox": f"DELETE FROM {ks}.inbox_by_user WHERE user_id = ? "
                           "AND (created_at, event_id) < (?, ?)",
-            "follow": f"INSERT INTO {ks}.following_by_user (user_id, author_id) "
-                      "VALUES (?, ?) IF NOT EXISTS",
+            "follow": f"INSERT INTO {ks}.following_by_user (user_id, author_id, op) "
+                      "VALUES (?, ?, ?) IF NOT EXISTS",
             "unfollow": f"DELETE FROM {ks}.following_by_user WHERE user_id = ? "
                         "AND author_id = ? IF EXISTS",
             "add_follower": f"INSERT INTO {ks}.followers_by_author "
@@ -626,9 +642,34 @@ class CassandraStore:
 
     # --- follow graph ------------------------------------------------------------------
 
+    async def _unsure_lwt(self, name: str, *params: Any) -> Any:
+        """A lightweight transaction whose outcome may be unknown (the coordinator timed out,
+        or a cluster answered "CAS operation result is unknown": the proposal reached some
+        replicas but not a quorum). It is asked again, the same statement with the same
+        values, up to ``TIMEOUT_TRIES`` times; Paxos either finishes the earlier proposal
+        first (the retry is then refused and shows the row it wrote) or the earlier one
+        never takes effect. Returns the last answer's row and whether an answer was
+        unsure before it."""
+        unsure = 0
+        while True:
+            try:
+                rows = await self._q(name, *params)
+                return rows[0], unsure > 0
+            except _WriteTimedOut:
+                unsure += 1
+                if unsure >= TIMEOUT_TRIES:
+                    raise
+                self.requests_resent += 1
+                pause = min(1.0, TIMEOUT_PAUSE_S * 2 ** (unsure - 1))
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+
     async def follow(self, user_id: str, author_id: str) -> bool:
-        rows = await self._q("follow", user_id, author_id)
-        applied = bool(rows[0].applied)
+        return await self._follow(user_id, author_id, uuid.uuid4())
+
+    async def _follow(self, user_id: str, author_id: str, op: uuid.UUID) -> bool:
+        row, _ = await self._unsure_lwt("follow", user_id, author_id, op)
+        # Refused, but the edge carries this call's op: an unsure earlier attempt wrote it.
+        applied = bool(row.applied) or getattr(row, "op", None) == op
         # Always (re)write the reverse edge: a retry after a crash between the two writes
         # repairs it. Counts change only when the edge is new.
         await self._q("add_follower", author_id, follower_shard(user_id), user_id)
@@ -639,8 +680,12 @@ class CassandraStore:
         return applied
 
     async def unfollow(self, user_id: str, author_id: str) -> bool:
-        rows = await self._q("unfollow", user_id, author_id)
-        applied = bool(rows[0].applied)
+        row, unsure = await self._unsure_lwt("unfollow", user_id, author_id)
+        # A delete leaves nothing to recognise it by: after an unsure attempt, a refusal (the
+        # edge is gone) is taken as that attempt's work. That miscounts only if the unsure
+        # attempt timed out before reading an edge that did not exist, or if another
+        # unfollow of the same edge raced this one.
+        applied = bool(row.applied) or unsure
         await self._q("remove_follower", author_id, follower_shard(user_id), user_id)
         if applied:
             await asyncio.gather(
