@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisClusterException, RedisError
 
-from feedsvc.queue.redis import cluster_client
+from feedsvc.errors import RetryableError
+from feedsvc.queue.redis import cluster_client, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,11 @@ class RedisBuckets:
 
     async def take(self, key: str, rate: Rate) -> Decision:
         try:
-            allowed, remaining, reset_ms, retry_ms = await self._script(
-                keys=[f"{self.prefix}:ratelimit:{key}"],
-                args=[rate.tokens, int(rate.period_s * 1000)])
-        except (RedisError, RedisClusterException, OSError) as exc:
+            with redis_errors():
+                allowed, remaining, reset_ms, retry_ms = await self._script(
+                    keys=[f"{self.prefix}:ratelimit:{key}"],
+                    args=[rate.tokens, int(rate.period_s * 1000)])
+        except (RetryableError, OSError) as exc:
             if time.monotonic() - self._warned_at > 60:
                 self._warned_at = time.monotonic()
                 log.warning("rate limits not applied: Redis does not answer (%s)", exc)

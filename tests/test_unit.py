@@ -10,11 +10,17 @@ import pytest
 
 from feedsvc.auth import Principal, authenticate, issue_token
 from feedsvc.config import Settings, parse_duration
-from feedsvc.errors import ConfigError, InvalidRequest, Unauthenticated, Unprocessable
+from feedsvc.errors import (
+    ConfigError,
+    InvalidRequest,
+    RetryableError,
+    Unauthenticated,
+    Unprocessable,
+)
 from feedsvc.graph import next_mode
 from feedsvc.intake import parse_body, parse_created_at, validate
 from feedsvc.model import InboxItem
-from feedsvc.queue.redis import cluster_nodes
+from feedsvc.queue.redis import cluster_nodes, redis_errors
 from feedsvc.seed import follow_pairs
 from feedsvc.timeline import Cursor, decode_cursor, encode_cursor, merge
 from feedsvc.workers import BACKOFF_CAP, backoff
@@ -153,3 +159,15 @@ def test_a_cluster_url_names_every_startup_node() -> None:
     assert cluster_nodes("redis://:pw@h1:7000,h2:7000") == (
         "redis://:pw@h1:7000", [("h1", 7000), ("h2", 7000)])
     assert cluster_nodes("redis://h1:7000/0") == ("redis://h1:7000/0", [("h1", 7000)])
+
+
+def test_a_write_on_a_socket_redis_closed_is_a_lost_connection() -> None:
+    """Seen on the cluster when a primary was SIGKILLed: under uvloop, redis-py's write on
+    the dead socket raised RuntimeError, which was a 500 on POST /v1/events. It is Redis
+    being unavailable (503, or the outbox sweeper's job); other RuntimeErrors are bugs."""
+    closed = RuntimeError("unable to perform operation on <TCPTransport closed=True "
+                          "reading=False 0x55a8c0f441e0>; the handler is closed")
+    with pytest.raises(RetryableError, match="connection lost"), redis_errors():
+        raise closed
+    with pytest.raises(RuntimeError, match="a bug"), redis_errors():
+        raise RuntimeError("a bug")

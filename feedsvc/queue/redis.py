@@ -105,6 +105,13 @@ def redis_errors() -> Iterator[None]:
         yield
     except (RedisError, RedisClusterException) as exc:  # the second: no reachable node
         raise RetryableError(f"redis: {exc}") from exc
+    except RuntimeError as exc:
+        # uvloop refuses a write on a socket the peer closed with RuntimeError ("... the
+        # handler is closed") where asyncio's own loop gives redis-py a ConnectionError;
+        # redis-py has dropped that connection already, so the next call reconnects.
+        if "handler is closed" not in str(exc):
+            raise
+        raise RetryableError(f"redis: connection lost ({exc})") from exc
 
 
 def cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
