@@ -77,9 +77,10 @@ class Fleet:
         self.workers: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, name: str, *cmd: str) -> subprocess.Popen[bytes]:
-        out = (self.log_dir / f"{name}.log").open("ab")
-        return subprocess.Popen([sys.executable, "-m", "feedsvc.cli", "--log-level", "WARNING",
-                                 *cmd], env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        with (self.log_dir / f"{name}.log").open("ab") as out:  # the child keeps its copy
+            return subprocess.Popen([sys.executable, "-m", "feedsvc.cli", "--log-level",
+                                     "WARNING", *cmd], env=self.env, stdout=out,
+                                    stderr=subprocess.STDOUT)
 
     def start_api(self) -> None:
         self.api = self._spawn("api", "api", "--processes", "1", "--port", str(self.port))
