@@ -285,7 +285,8 @@ async def test_cassandra_follow_counts_once_when_a_transaction_is_unsure(
     a refusal showing that op is its own edge, counted once. First the answer of an applied
     attempt is lost by hand (the edge written with the op, as that attempt would have),
     then real timeouts: the node's CAS contention timeout cut to 1 ms while 400 fans
-    follow at once, and put back once a transaction has been asked again."""
+    follow and 100 events are stored at once, and put back once a transaction has been
+    asked again. An event insert recognises its own bytes the same way."""
     store, author = cassandra_store, f"{prefix}-star"
     op = uuid.uuid4()
     await store._q("follow", f"{prefix}-lost", author, op)  # applied; its answer was lost
@@ -303,7 +304,10 @@ async def test_cassandra_follow_counts_once_when_a_transaction_is_unsure(
     fans = [f"{prefix}-f{i:03d}" for i in range(400)]
     resent = store.requests_resent
     await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "cascontention", "1")
-    follows = asyncio.ensure_future(asyncio.gather(*(store.follow(f, author) for f in fans)))
+    events = [event(f"{prefix}-e{i:03d}") for i in range(100)]
+    follows = asyncio.ensure_future(asyncio.gather(
+        *(store.follow(f, author) for f in fans),
+        *(store.insert_event(e, 3600) for e in events)))
     try:
         for _ in range(200):
             if store.requests_resent > resent or follows.done():
@@ -314,7 +318,9 @@ async def test_cassandra_follow_counts_once_when_a_transaction_is_unsure(
                                 "1000")
     results = await asyncio.wait_for(follows, 120)
     assert store.requests_resent > resent  # transactions were unsure and asked again
-    assert all(results)
+    assert results[:len(fans)] == [True] * len(fans)
+    assert results[len(fans):] == [None] * len(events)  # each insert is its own, not a dup
+    assert [await store.get_event(e.event_id) for e in events] == events
     assert await store.counts(author) == (401, 0)
     assert [await store.counts(f) for f in fans[::37]] == [(0, 1)] * len(fans[::37])
 

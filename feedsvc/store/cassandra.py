@@ -486,10 +486,12 @@ class CassandraStore:
     # --- events ------------------------------------------------------------------------
 
     async def insert_event(self, event: Event, ttl_s: int) -> Event | None:
-        rows = await self._q("insert_event", event.event_id, _item_encoder.encode(event),
-                             max(1, ttl_s))
-        row = rows[0]
-        if row.applied:
+        body = _item_encoder.encode(event)
+        row, unsure = await self._unsure_lwt("insert_event", event.event_id, body,
+                                             max(1, ttl_s))
+        # Refused after an unsure attempt, with this call's very bytes (its accepted_at to
+        # the millisecond): that attempt stored it.
+        if row.applied or (unsure and row.body == body):
             return None
         if row.body is None:  # the row is expiring this very second: let the client retry
             raise RetryableError(f"event {event.event_id} is expiring; retry")
