@@ -286,7 +286,9 @@ async def test_cassandra_follow_counts_once_when_a_transaction_is_unsure(
     attempt is lost by hand (the edge written with the op, as that attempt would have),
     then real timeouts: the node's CAS contention timeout cut to 1 ms while 400 fans
     follow and 100 events are stored at once, and put back once a transaction has been
-    asked again. An event insert recognises its own bytes the same way."""
+    asked again. An event insert recognises its own bytes the same way. Then 100 of them
+    and 50 strangers unfollow under the same cut: an unfollow reads the edge first, so only
+    the real edges count down."""
     store, author = cassandra_store, f"{prefix}-star"
     op = uuid.uuid4()
     await store._q("follow", f"{prefix}-lost", author, op)  # applied; its answer was lost
@@ -323,6 +325,25 @@ async def test_cassandra_follow_counts_once_when_a_transaction_is_unsure(
     assert [await store.get_event(e.event_id) for e in events] == events
     assert await store.counts(author) == (401, 0)
     assert [await store.counts(f) for f in fans[::37]] == [(0, 1)] * len(fans[::37])
+
+    strangers = [f"{prefix}-s{i:03d}" for i in range(50)]  # never followed: nothing to undo
+    resent = store.requests_resent
+    await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "cascontention", "1")
+    unfollows = asyncio.ensure_future(asyncio.gather(
+        *(store.unfollow(f, author) for f in [*fans[:100], *strangers])))
+    try:
+        for _ in range(200):
+            if store.requests_resent > resent or unfollows.done():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "cascontention",
+                                "1000")
+    assert await asyncio.wait_for(unfollows, 120) == [True] * 100 + [False] * 50
+    assert store.requests_resent > resent
+    assert await store.counts(author) == (301, 0)
+    assert await store.counts(fans[0]) == (0, 0)
+    assert await store.counts(strangers[0]) == (0, 0)
 
 
 async def test_cassandra_store_names_a_missing_keyspace(

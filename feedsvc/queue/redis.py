@@ -30,6 +30,7 @@ again at once. A Redis that lost its data has its consumer groups created again.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -40,6 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -105,13 +107,28 @@ def redis_errors() -> Iterator[None]:
         yield
     except (RedisError, RedisClusterException) as exc:  # the second: no reachable node
         raise RetryableError(f"redis: {exc}") from exc
-    except RuntimeError as exc:
+    except (RuntimeError, AttributeError) as exc:
+        # A connection that dies under a command does not always surface as a RedisError:
         # uvloop refuses a write on a socket the peer closed with RuntimeError ("... the
-        # handler is closed") where asyncio's own loop gives redis-py a ConnectionError;
-        # redis-py has dropped that connection already, so the next call reconnects.
-        if "handler is closed" not in str(exc):
-            raise
-        raise RetryableError(f"redis: connection lost ({exc})") from exc
+        # handler is closed"), and the cluster client can drop a connection another command
+        # is writing on (its writer is None: AttributeError). Both seen when a primary was
+        # SIGKILLed. redis-py has dropped that connection, so the next call reconnects.
+        if not _raised_in_client(exc):
+            raise  # our own bug, not the connection's
+        raise RetryableError(f"redis: connection lost ({exc!r})") from exc
+
+
+_CLIENT_DIR = os.path.dirname(redis.__file__) + os.sep
+
+
+def _raised_in_client(exc: BaseException) -> bool:
+    """Whether ``exc`` came up through redis-py's own code."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_CLIENT_DIR):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +29,7 @@ from cassandra import (
     RequestExecutionException,
     RequestValidationException,
     WriteTimeout,
+    protocol,
 )
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
@@ -71,7 +73,8 @@ BUSY_PAUSE_S = 0.005  # times the attempt number
 # An idempotent request (an inbox batch) the node did not apply in time (a server write
 # timeout, under overload) is sent again on its own, up to TIMEOUT_TRIES sends in all, after
 # pauses of 50 ms, 100 ms, ... (at most 1 s each, with jitter): failing the task would make
-# the worker write all of the event's rows again.
+# the worker write all of the event's rows again. A lightweight transaction with an unsure
+# outcome is asked again on the same terms (``CassandraStore._ask_until_sure``).
 TIMEOUT_TRIES = 8
 TIMEOUT_PAUSE_S = 0.05
 BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
@@ -230,22 +233,38 @@ async def _wait(future: ResponseFuture) -> list[Any]:
         raise RetryableError(f"cassandra: {exc}") from exc
     except ErrorMessage as exc:  # server errors the driver has no exception class for
         raise _server_error(exc) from exc
+    except OperationTimedOut as exc:
+        raise _ClientTimedOut(f"cassandra: {exc}") from exc
     except _DRIVER_ERRORS as exc:
         raise RetryableError(f"cassandra: {exc}") from exc
 
 
-def _server_error(exc: ErrorMessage) -> RetryableError:
+def _server_error(exc: ErrorMessage) -> Exception:
     """A server error the driver raises as a bare ``ErrorMessage`` (no exception class of
-    its own): an unknown lightweight-transaction outcome is an unsure write; the rest (an
-    overloaded or bootstrapping node, a server error) are worth trying again later."""
+    its own): an unknown lightweight-transaction outcome is an unsure write; a statement
+    the server cannot parse or accept, or refused credentials, cannot succeed later; the
+    rest (an overloaded or bootstrapping node, a server error) are worth trying again."""
     if exc.code == _CAS_WRITE_UNKNOWN:
         return _WriteTimedOut(f"cassandra: {exc}")
+    if isinstance(exc, (protocol.RequestValidationException, protocol.ProtocolException,
+                        protocol.BadCredentials)):
+        return PermanentError(f"cassandra: {exc}")
     return RetryableError(f"cassandra: {exc}")
+
+
+def _resend_pause(tries: int) -> float:
+    """Seconds before sending a request again after ``tries`` unsure or refused sends: 50 ms,
+    100 ms, ... at most 1 s, with jitter."""
+    return float(min(1.0, TIMEOUT_PAUSE_S * 2.0 ** (tries - 1)) * random.uniform(0.5, 1.0))
 
 
 class _WriteTimedOut(RetryableError):
     """The coordinator did not hear back from enough replicas within its write timeout. The
     write may or may not have been applied."""
+
+
+class _ClientTimedOut(RetryableError):
+    """No answer within the request timeout. The request may or may not have been applied."""
 
 
 class _SocketsFull(RetryableError):
@@ -277,7 +296,12 @@ class CassandraStore:
         self.keyspace = keyspace.lower()
         self._limit = asyncio.Semaphore(concurrency)
         self._ps: dict[str, PreparedStatement] = {}
-        self.requests_resent = 0  # idempotent requests sent again after a write timeout
+        # Requests sent again: idempotent ones after a write timeout, lightweight
+        # transactions after an unsure answer.
+        self.requests_resent = 0
+        default = session.get_execution_profile(EXEC_PROFILE_DEFAULT)
+        self._request_timeout = float(default.request_timeout)
+        self._serial_consistency = default.serial_consistency_level
 
     @classmethod
     async def open(cls, hosts: Sequence[str], keyspace: str, concurrency: int = 32,
@@ -309,7 +333,7 @@ class CassandraStore:
         try:
             await asyncio.to_thread(self._prepare_all)
         except InvalidRequest as exc:
-            if "does not exist" not in str(exc):
+            if "does not exist" not in str(exc) and "Undefined column" not in str(exc):
                 raise
             raise ConfigError(f"keyspace {self.keyspace!r} is not migrated ({exc}): run "
                               "`feedsvc migrate`") from exc  # an older or partial migration
@@ -365,6 +389,8 @@ class CassandraStore:
                           "AND (created_at, event_id) < (?, ?)",
             "follow": f"INSERT INTO {ks}.following_by_user (user_id, author_id, op) "
                       "VALUES (?, ?, ?) IF NOT EXISTS",
+            "following_edge": f"SELECT op FROM {ks}.following_by_user WHERE user_id = ? "
+                              "AND author_id = ?",
             "unfollow": f"DELETE FROM {ks}.following_by_user WHERE user_id = ? "
                         "AND author_id = ? IF EXISTS",
             "add_follower": f"INSERT INTO {ks}.followers_by_author "
@@ -391,6 +417,8 @@ class CassandraStore:
                 # Read whole: ORDER BY with IN on the partition key needs paging off (LIMIT
                 # bounds it), and these results are used in full (``_wait`` reads one page).
                 prepared.fetch_size = None
+            if name == "following_edge":  # read through Paxos (SERIAL or LOCAL_SERIAL)
+                prepared.consistency_level = self._serial_consistency
             self._ps[name] = prepared
 
     async def _q(self, name: str, *params: Any, profile: Any = EXEC_PROFILE_DEFAULT
@@ -400,6 +428,34 @@ class CassandraStore:
             return await self._execute(self._ps[name], params, profile)
         except RequestValidationException as exc:
             raise PermanentError(f"cassandra refused {name}: {exc}") from exc
+
+    async def _ask_until_sure(self, name: str, *params: Any, read: bool = False
+                              ) -> tuple[list[Any], bool]:
+        """A lightweight transaction whose outcome may be unknown: the node timed out, a
+        cluster answered "CAS operation result is unknown" (the proposal reached some
+        replicas but not a quorum), or no answer came within the request timeout. It is
+        asked again, the same statement with the same values (and, once unsure, after any
+        retryable error), until answered, for up to ``TIMEOUT_TRIES`` sends and about one
+        request timeout: Paxos either finishes the earlier proposal first (the retry is
+        then refused and shows the row it wrote) or the earlier one never takes effect.
+        A ``read`` (at serial consistency) is sent again after any retryable error.
+        Returns the answer's rows and whether an earlier send was unsure."""
+        deadline = time.monotonic() + self._request_timeout
+        unsure = tries = 0
+        while True:
+            tries += 1
+            try:
+                return await self._q(name, *params), unsure > 0
+            except (_WriteTimedOut, _ClientTimedOut):
+                unsure += 1
+                if tries >= TIMEOUT_TRIES or time.monotonic() >= deadline:
+                    raise
+            except RetryableError:
+                if not (unsure or read) or tries >= TIMEOUT_TRIES or (
+                        time.monotonic() >= deadline):
+                    raise
+            self.requests_resent += 1
+            await asyncio.sleep(_resend_pause(tries))
 
     async def prepare(self, statements: dict[str, str]) -> dict[str, PreparedStatement]:
         """Prepare another port's statements on this session (``{ks}`` names the keyspace);
@@ -471,8 +527,7 @@ class CassandraStore:
                 self.requests_resent += 1
                 log.debug("a request timed out on the node; send %d of %d", timeouts + 1,
                           TIMEOUT_TRIES)
-                pause = min(1.0, TIMEOUT_PAUSE_S * 2 ** (timeouts - 1))
-                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                await asyncio.sleep(_resend_pause(timeouts))
 
     async def ping(self) -> None:
         try:
@@ -487,8 +542,9 @@ class CassandraStore:
 
     async def insert_event(self, event: Event, ttl_s: int) -> Event | None:
         body = _item_encoder.encode(event)
-        row, unsure = await self._unsure_lwt("insert_event", event.event_id, body,
-                                             max(1, ttl_s))
+        rows, unsure = await self._ask_until_sure("insert_event", event.event_id, body,
+                                              max(1, ttl_s))
+        row = rows[0]
         # Refused after an unsure attempt, with this call's very bytes (its accepted_at to
         # the millisecond): that attempt stored it.
         if row.applied or (unsure and row.body == body):
@@ -644,32 +700,12 @@ class CassandraStore:
 
     # --- follow graph ------------------------------------------------------------------
 
-    async def _unsure_lwt(self, name: str, *params: Any) -> Any:
-        """A lightweight transaction whose outcome may be unknown (the coordinator timed out,
-        or a cluster answered "CAS operation result is unknown": the proposal reached some
-        replicas but not a quorum). It is asked again, the same statement with the same
-        values, up to ``TIMEOUT_TRIES`` times; Paxos either finishes the earlier proposal
-        first (the retry is then refused and shows the row it wrote) or the earlier one
-        never takes effect. Returns the last answer's row and whether an answer was
-        unsure before it."""
-        unsure = 0
-        while True:
-            try:
-                rows = await self._q(name, *params)
-                return rows[0], unsure > 0
-            except _WriteTimedOut:
-                unsure += 1
-                if unsure >= TIMEOUT_TRIES:
-                    raise
-                self.requests_resent += 1
-                pause = min(1.0, TIMEOUT_PAUSE_S * 2 ** (unsure - 1))
-                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
-
     async def follow(self, user_id: str, author_id: str) -> bool:
         return await self._follow(user_id, author_id, uuid.uuid4())
 
     async def _follow(self, user_id: str, author_id: str, op: uuid.UUID) -> bool:
-        row, _ = await self._unsure_lwt("follow", user_id, author_id, op)
+        rows, _ = await self._ask_until_sure("follow", user_id, author_id, op)
+        row = rows[0]
         # Refused, but the edge carries this call's op: an unsure earlier attempt wrote it.
         applied = bool(row.applied) or getattr(row, "op", None) == op
         # Always (re)write the reverse edge: a retry after a crash between the two writes
@@ -682,12 +718,15 @@ class CassandraStore:
         return applied
 
     async def unfollow(self, user_id: str, author_id: str) -> bool:
-        row, unsure = await self._unsure_lwt("unfollow", user_id, author_id)
-        # A delete leaves nothing to recognise it by: after an unsure attempt, a refusal (the
-        # edge is gone) is taken as that attempt's work. That miscounts only if the unsure
-        # attempt timed out before reading an edge that did not exist, or if another
-        # unfollow of the same edge raced this one.
-        applied = bool(row.applied) or unsure
+        # A delete leaves nothing to recognise it by, so the edge is read first (at serial
+        # consistency: it sees every transaction that finished). No edge: nothing to undo.
+        # An edge, then a refusal after an unsure attempt: that attempt removed it (wrong
+        # only if another unfollow of the same edge raced this one).
+        applied = False
+        edge, _ = await self._ask_until_sure("following_edge", user_id, author_id, read=True)
+        if edge:
+            rows, unsure = await self._ask_until_sure("unfollow", user_id, author_id)
+            applied = bool(rows[0].applied) or unsure
         await self._q("remove_follower", author_id, follower_shard(user_id), user_id)
         if applied:
             await asyncio.gather(

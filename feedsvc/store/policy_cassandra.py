@@ -6,11 +6,13 @@ here too, so the feed's ``Store`` keeps only what the feed needs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
 import msgspec
 from cassandra.query import PreparedStatement
 
+from feedsvc.errors import RetryableError
 from feedsvc.model import Position
 from feedsvc.store.cassandra import CassandraStore, bucket_of
 from feedsvc.store.policy import ErasureStatus, SentRef
@@ -118,7 +120,14 @@ class CassandraPolicyStore:
     # --- SeenWebhooks -------------------------------------------------------------------
 
     async def claim(self, provider: str, webhook_id: str, ttl_s: int) -> bool:
-        rows = await self._run("claim_webhook", provider, webhook_id, max(1, ttl_s))
+        try:
+            rows = await self._run("claim_webhook", provider, webhook_id, max(1, ttl_s))
+        except RetryableError:
+            # The claim may have been written all the same (an unsure lightweight
+            # transaction): undo it, or the provider's retry would be taken for a duplicate.
+            with contextlib.suppress(RetryableError):
+                await self._run("forget_webhook", provider, webhook_id)
+            raise
         return bool(rows[0][0])  # [applied]
 
     async def forget(self, provider: str, webhook_id: str) -> None:
