@@ -1,10 +1,12 @@
 """Crash safety with a real process kill: a worker SIGKILLed in the middle of a
-5,000-follower fan-out, then a new worker, leave exactly one inbox row per follower."""
+5,000-follower fan-out (20,000 on the embedded backend), then a new worker, leave exactly
+one inbox row per follower."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -25,6 +27,7 @@ from tests.conftest import MakeRuntime
 from tests.procs import process_env
 
 FOLLOWERS = 5_000
+EMBEDDED_FOLLOWERS = 20_000
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -32,11 +35,13 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return process_env(settings, FEEDSVC_FANOUT_CONCURRENCY="1")
 
 
-def start_worker(settings: Settings, log: IO[bytes], *extra: str) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, log: IO[bytes], *extra: str,
+                 niceness: int = 0) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "feedsvc.cli", "--log-level", "WARNING", "worker",
          "--processes", "1", "--concurrency", "1", *extra],
         env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=(lambda: os.nice(niceness)) if niceness else None,
     )
 
 
@@ -53,27 +58,25 @@ async def count_rows(rt: Runtime, users: list[str], event_id: str) -> list[int]:
 
 def kill_at_first_sqlite_page(store: SqliteStore, worker: subprocess.Popen[bytes],
                               event_id: str, author: str, log_path: Path) -> None:
-    """The embedded worker commits a page of 1,000 rows in a few milliseconds, faster than
-    a poll through the store notices: look while holding the file's write lock, and kill
-    while still holding it, so no page commits between the look and the kill."""
-    conn = sqlite3.connect(store.path, timeout=60, isolation_level=None)
+    """Kill the embedded worker once its first page of rows is committed. It commits a page
+    of 1,000 rows in a few milliseconds, so the file is polled directly (read only: in WAL
+    mode a reader never waits for the writer, where a look under the write lock could be
+    kept waiting by SQLite's busy backoff while every page went in), every millisecond."""
+    conn = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, timeout=60,
+                           isolation_level=None)
     try:
         deadline = time.monotonic() + 120
         while True:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                (rows,) = conn.execute(
-                    "SELECT count(*) FROM inbox_by_user WHERE event_id = ? AND user_id != ?",
-                    (event_id, author)).fetchone()
-                if rows:
-                    worker.send_signal(signal.SIGKILL)
-                    worker.wait()
-                    return
-            finally:
-                conn.execute("ROLLBACK")
+            (rows,) = conn.execute(
+                "SELECT count(*) FROM inbox_by_user WHERE event_id = ? AND user_id != ?",
+                (event_id, author)).fetchone()
+            if rows:
+                worker.send_signal(signal.SIGKILL)
+                worker.wait()
+                return
             assert worker.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "the worker never started writing"
-            time.sleep(0.002)
+            time.sleep(0.001)
     finally:
         conn.close()
 
@@ -82,9 +85,13 @@ def kill_at_first_sqlite_page(store: SqliteStore, worker: subprocess.Popen[bytes
 async def test_sigkill_mid_fanout_then_restart(
     make_runtime: MakeRuntime, prefix: str, tmp_path: Path
 ) -> None:
-    rt = await make_runtime(celebrity_threshold=10_000, claim_idle=1.0)
+    rt = await make_runtime(celebrity_threshold=100_000, claim_idle=1.0)
+    embedded = isinstance(rt.store, SqliteStore)
+    # The embedded worker writes 5,000 rows in well under 100 ms: more pages give the poll
+    # room to land between two of them on a busy machine.
+    followers = EMBEDDED_FOLLOWERS if embedded else FOLLOWERS
     author = f"{prefix}-author"
-    fans = [f"{prefix}-f{i:05d}" for i in range(FOLLOWERS)]
+    fans = [f"{prefix}-f{i:05d}" for i in range(followers)]
     await write_graph(rt, iter([(f, author) for f in fans]), progress=False)
     status, accepted = await intake.accept(rt, json.dumps({
         "event_id": f"{prefix}-big", "author_id": author, "kind": "post", "payload": {"n": 1},
@@ -96,9 +103,11 @@ async def test_sigkill_mid_fanout_then_restart(
 
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
-        worker = start_worker(rt.settings, log)
+        # The lowest CPU priority: on a busy machine the watcher, not the victim, gets the
+        # core, so the kill lands between pages.
+        worker = start_worker(rt.settings, log, niceness=19)
         try:
-            if isinstance(rt.store, SqliteStore):
+            if isinstance(rt.store, SqliteStore):  # the same test as embedded, for mypy
                 await asyncio.to_thread(kill_at_first_sqlite_page, rt.store, worker, event_id,
                                         author, log_path)
             else:
@@ -113,7 +122,7 @@ async def test_sigkill_mid_fanout_then_restart(
             worker.wait()
     assert worker.returncode == -signal.SIGKILL
     partial = await count_rows(rt, fans, event_id)
-    assert 0 < sum(partial) < FOLLOWERS, "the kill did not land mid fan-out"
+    assert 0 < sum(partial) < followers, "the kill did not land mid fan-out"
     assert (await rt.queue.stats()).depth["medium"] == 1  # still pending, not lost
 
     await asyncio.sleep(rt.settings.claim_idle + 0.5)  # the dead consumer's entry goes idle
@@ -122,6 +131,6 @@ async def test_sigkill_mid_fanout_then_restart(
         await asyncio.to_thread(survivor.wait, timeout=240)
     assert survivor.returncode == 0, log_path.read_text()
 
-    assert await count_rows(rt, fans, event_id) == [1] * FOLLOWERS
+    assert await count_rows(rt, fans, event_id) == [1] * followers
     assert await count_rows(rt, [author], event_id) == [1]
     assert (await rt.queue.stats()).depth == {"high": 0, "medium": 0, "low": 0}
