@@ -200,7 +200,13 @@ class Sweeper:
                 stats.requeued += 1
                 return True
 
-        owed = await asyncio.gather(*(one(r) for r in rows))
+        # return_exceptions: every check has ended before this returns, also when the sweep
+        # is cancelled (a plain gather hands the first cancelled check on at once and leaves
+        # the others running, to meet a closed runtime; make test-cluster saw it).
+        owed = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
+        for result in owed:
+            if isinstance(result, BaseException):
+                raise result
         return any(owed)
 
     async def _requeue(self, event: Event) -> None:
