@@ -56,13 +56,13 @@ async def count_rows(rt: Runtime, users: list[str], event_id: str) -> list[int]:
     return list(await asyncio.gather(*(one(u) for u in users)))
 
 
-def kill_at_first_sqlite_page(store: SqliteStore, worker: subprocess.Popen[bytes],
+def kill_at_first_sqlite_page(path: Path, worker: subprocess.Popen[bytes],
                               event_id: str, author: str, log_path: Path) -> None:
     """Kill the embedded worker once its first page of rows is committed. It commits a page
     of 1,000 rows in a few milliseconds, so the file is polled directly (read only: in WAL
     mode a reader never waits for the writer, where a look under the write lock could be
     kept waiting by SQLite's busy backoff while every page went in), every millisecond."""
-    conn = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, timeout=60,
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60,
                            isolation_level=None)
     try:
         deadline = time.monotonic() + 120
@@ -86,10 +86,10 @@ async def test_sigkill_mid_fanout_then_restart(
     make_runtime: MakeRuntime, prefix: str, tmp_path: Path
 ) -> None:
     rt = await make_runtime(celebrity_threshold=100_000, claim_idle=1.0)
-    embedded = isinstance(rt.store, SqliteStore)
+    sqlite_file = rt.store.path if isinstance(rt.store, SqliteStore) else None
     # The embedded worker writes 5,000 rows in well under 100 ms: more pages give the poll
     # room to land between two of them on a busy machine.
-    followers = EMBEDDED_FOLLOWERS if embedded else FOLLOWERS
+    followers = FOLLOWERS if sqlite_file is None else EMBEDDED_FOLLOWERS
     author = f"{prefix}-author"
     fans = [f"{prefix}-f{i:05d}" for i in range(followers)]
     await write_graph(rt, iter([(f, author) for f in fans]), progress=False)
@@ -107,9 +107,9 @@ async def test_sigkill_mid_fanout_then_restart(
         # core, so the kill lands between pages.
         worker = start_worker(rt.settings, log, niceness=19)
         try:
-            if isinstance(rt.store, SqliteStore):  # the same test as embedded, for mypy
-                await asyncio.to_thread(kill_at_first_sqlite_page, rt.store, worker, event_id,
-                                        author, log_path)
+            if sqlite_file is not None:
+                await asyncio.to_thread(kill_at_first_sqlite_page, sqlite_file, worker,
+                                        event_id, author, log_path)
             else:
                 deadline = time.monotonic() + 120
                 while sum(await count_rows(rt, probe, event_id)) == 0:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
 
 import pytest
 from cassandra.protocol import ErrorMessage
@@ -248,6 +249,28 @@ async def test_cassandra_waits_while_sockets_are_full(cassandra_store: Cassandra
     assert all([i.event_id for i in inbox] == [item.event_id] for inbox in sample)
 
 
+T = TypeVar("T")
+
+
+async def until_resent(store: CassandraStore, endpoints: Endpoints, kind: str, normal_ms: int,
+                       work: Awaitable[T]) -> tuple[T, int]:
+    """Run ``work`` with the nodes' ``kind`` timeout (``nodetool settimeout``) cut to 1 ms,
+    put back to ``normal_ms`` as soon as the store has sent a request again (or ``work`` is
+    done); returns what ``work`` gave and how many requests were sent again."""
+    resent = store.requests_resent
+    await asyncio.to_thread(local_nodetool, endpoints, "settimeout", kind, "1")
+    running = asyncio.ensure_future(work)
+    try:
+        for _ in range(200):
+            if store.requests_resent > resent or running.done():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(local_nodetool, endpoints, "settimeout", kind, str(normal_ms))
+    result = await asyncio.wait_for(running, 120)
+    return result, store.requests_resent - resent
+
+
 async def test_cassandra_resends_a_batch_after_a_write_timeout(
         cassandra_store: CassandraStore, endpoints: Endpoints, prefix: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,22 +280,13 @@ async def test_cassandra_resends_a_batch_after_a_write_timeout(
     back once a batch has been sent again; every inbox ends with exactly the one row. The
     test allows more tries than production does, so that putting the timeout back (a JVM
     start) cannot outlast them on a busy machine."""
-    await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "write", "1")
     monkeypatch.setattr(cassandra_module, "TIMEOUT_TRIES", 60)
     users = [f"{prefix}-u{i}" for i in range(3_000)]
     item = InboxItem(event_id=f"{prefix}-e", author_id="a", kind="post", created_at=now_ms(),
                      priority="medium", payload='{"n":1}')
-    resent = cassandra_store.requests_resent
-    write = asyncio.ensure_future(cassandra_store.write_inbox(users, item, 3600))
-    try:
-        for _ in range(200):
-            if cassandra_store.requests_resent > resent or write.done():
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "write", "2000")
-    await asyncio.wait_for(write, 60)
-    assert cassandra_store.requests_resent > resent  # timeouts did happen
+    _, resent = await until_resent(cassandra_store, endpoints, "write", 2000,
+                                   cassandra_store.write_inbox(users, item, 3600))
+    assert resent > 0  # timeouts did happen
     inboxes = await asyncio.gather(*(cassandra_store.read_inbox(u, None, 5) for u in users))
     assert all([i.event_id for i in inbox] == [item.event_id] for inbox in inboxes)
 
@@ -314,22 +328,11 @@ async def test_unsure_transactions_on_the_cluster(
     store, author = cassandra_store, f"{prefix}-star"
     monkeypatch.setattr(cassandra_module, "TIMEOUT_TRIES", 60)
     fans = [f"{prefix}-f{i:03d}" for i in range(400)]
-    resent = store.requests_resent
-    await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "cascontention", "1")
     events = [event(f"{prefix}-e{i:03d}") for i in range(100)]
-    follows = asyncio.ensure_future(asyncio.gather(
+    results, resent = await until_resent(store, endpoints, "cascontention", 1000, asyncio.gather(
         *(store.follow(f, author) for f in fans),
         *(store.insert_event(e, 3600) for e in events)))
-    try:
-        for _ in range(200):
-            if store.requests_resent > resent or follows.done():
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "cascontention",
-                                "1000")
-    results = await asyncio.wait_for(follows, 120)
-    assert store.requests_resent > resent  # transactions were unsure and asked again
+    assert resent > 0  # transactions were unsure and asked again
     assert results[:len(fans)] == [True] * len(fans)
     assert results[len(fans):] == [None] * len(events)  # each insert is its own, not a dup
     assert [await store.get_event(e.event_id) for e in events] == events
@@ -337,20 +340,11 @@ async def test_unsure_transactions_on_the_cluster(
     assert [await store.counts(f) for f in fans[::37]] == [(0, 1)] * len(fans[::37])
 
     strangers = [f"{prefix}-s{i:03d}" for i in range(50)]  # never followed: nothing to undo
-    resent = store.requests_resent
-    await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "cascontention", "1")
-    unfollows = asyncio.ensure_future(asyncio.gather(
-        *(store.unfollow(f, author) for f in [*fans[:100], *strangers])))
-    try:
-        for _ in range(200):
-            if store.requests_resent > resent or unfollows.done():
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await asyncio.to_thread(local_nodetool, endpoints, "settimeout", "cascontention",
-                                "1000")
-    assert await asyncio.wait_for(unfollows, 120) == [True] * 100 + [False] * 50
-    assert store.requests_resent > resent
+    unfollowed, resent = await until_resent(store, endpoints, "cascontention", 1000,
+                                            asyncio.gather(*(store.unfollow(f, author)
+                                                             for f in [*fans[:100], *strangers])))
+    assert unfollowed == [True] * 100 + [False] * 50
+    assert resent > 0
     assert await store.counts(author) == (300, 0)
     assert await store.counts(fans[0]) == (0, 0)
     assert await store.counts(strangers[0]) == (0, 0)

@@ -80,6 +80,7 @@ TIMEOUT_PAUSE_S = 0.05
 BUCKET_MS = 86_400_000  # events_by_author partitions hold one day each
 _PULL_SHARD = 0
 _UNPAGED = {"pull_authors", "inbox_keys", "inbox_positions", "outbox_bucket"}
+_SERIAL_READS = {"following_edge"}  # read through Paxos (SERIAL or LOCAL_SERIAL)
 _CHECKPOINT = "fanout"  # the outbox_checkpoint row of the fan-out sweeper
 
 _item_encoder = msgspec.msgpack.Encoder()
@@ -417,7 +418,7 @@ class CassandraStore:
                 # Read whole: ORDER BY with IN on the partition key needs paging off (LIMIT
                 # bounds it), and these results are used in full (``_wait`` reads one page).
                 prepared.fetch_size = None
-            if name == "following_edge":  # read through Paxos (SERIAL or LOCAL_SERIAL)
+            if name in _SERIAL_READS:
                 prepared.consistency_level = self._serial_consistency
             self._ps[name] = prepared
 
