@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import pytest
@@ -253,13 +253,13 @@ T = TypeVar("T")
 
 
 async def until_resent(store: CassandraStore, endpoints: Endpoints, kind: str, normal_ms: int,
-                       work: Awaitable[T]) -> tuple[T, int]:
-    """Run ``work`` with the nodes' ``kind`` timeout (``nodetool settimeout``) cut to 1 ms,
-    put back to ``normal_ms`` as soon as the store has sent a request again (or ``work`` is
-    done); returns what ``work`` gave and how many requests were sent again."""
+                       work: Callable[[], Awaitable[T]]) -> tuple[T, int]:
+    """Start ``work()`` once the nodes' ``kind`` timeout (``nodetool settimeout``) is cut to
+    1 ms, put it back to ``normal_ms`` as soon as the store has sent a request again (or the
+    work is done); returns what the work gave and how many requests were sent again."""
     resent = store.requests_resent
     await asyncio.to_thread(local_nodetool, endpoints, "settimeout", kind, "1")
-    running = asyncio.ensure_future(work)
+    running = asyncio.ensure_future(work())
     try:
         for _ in range(200):
             if store.requests_resent > resent or running.done():
@@ -285,7 +285,7 @@ async def test_cassandra_resends_a_batch_after_a_write_timeout(
     item = InboxItem(event_id=f"{prefix}-e", author_id="a", kind="post", created_at=now_ms(),
                      priority="medium", payload='{"n":1}')
     _, resent = await until_resent(cassandra_store, endpoints, "write", 2000,
-                                   cassandra_store.write_inbox(users, item, 3600))
+                                   lambda: cassandra_store.write_inbox(users, item, 3600))
     assert resent > 0  # timeouts did happen
     inboxes = await asyncio.gather(*(cassandra_store.read_inbox(u, None, 5) for u in users))
     assert all([i.event_id for i in inbox] == [item.event_id] for inbox in inboxes)
@@ -329,9 +329,10 @@ async def test_unsure_transactions_on_the_cluster(
     monkeypatch.setattr(cassandra_module, "TIMEOUT_TRIES", 60)
     fans = [f"{prefix}-f{i:03d}" for i in range(400)]
     events = [event(f"{prefix}-e{i:03d}") for i in range(100)]
-    results, resent = await until_resent(store, endpoints, "cascontention", 1000, asyncio.gather(
-        *(store.follow(f, author) for f in fans),
-        *(store.insert_event(e, 3600) for e in events)))
+    results, resent = await until_resent(
+        store, endpoints, "cascontention", 1000, lambda: asyncio.gather(
+            *(store.follow(f, author) for f in fans),
+            *(store.insert_event(e, 3600) for e in events)))
     assert resent > 0  # transactions were unsure and asked again
     assert results[:len(fans)] == [True] * len(fans)
     assert results[len(fans):] == [None] * len(events)  # each insert is its own, not a dup
@@ -340,9 +341,9 @@ async def test_unsure_transactions_on_the_cluster(
     assert [await store.counts(f) for f in fans[::37]] == [(0, 1)] * len(fans[::37])
 
     strangers = [f"{prefix}-s{i:03d}" for i in range(50)]  # never followed: nothing to undo
-    unfollowed, resent = await until_resent(store, endpoints, "cascontention", 1000,
-                                            asyncio.gather(*(store.unfollow(f, author)
-                                                             for f in [*fans[:100], *strangers])))
+    unfollowed, resent = await until_resent(
+        store, endpoints, "cascontention", 1000, lambda: asyncio.gather(
+            *(store.unfollow(f, author) for f in [*fans[:100], *strangers])))
     assert unfollowed == [True] * 100 + [False] * 50
     assert resent > 0
     assert await store.counts(author) == (300, 0)
